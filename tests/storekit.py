@@ -1,0 +1,135 @@
+"""Helpers shared by store tests; importable by forkserver children (no test state here)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+
+import numpy as np
+import torch
+
+from ucm.config import from_dict
+from ucm.tiers import TieredStore
+
+PAGE = 64 * 1024 + 100  # deliberately not a multiple of 4 KiB
+CRASH_PAGE = 16 * 1024 + 100
+
+
+def config(root, host="1MiB", ssd="8MiB", host_dir="host", **extra):
+    d = {"host": {"capacity": host, "path": os.path.join(root, host_dir)}}
+    if ssd:
+        d["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd, "slab_size": "1MiB"}
+    d.update(extra)
+    return from_dict(d, source="test.yaml")
+
+
+def bid(n: int, tag: int = 0) -> bytes:
+    return n.to_bytes(8, "little") + tag.to_bytes(8, "little")
+
+
+def page_bytes(block_id: bytes, size: int = PAGE) -> torch.Tensor:
+    """Deterministic content of a block (so any process can check it)."""
+    rs = np.random.RandomState(int.from_bytes(block_id[:4], "little") ^ int.from_bytes(block_id[8:12], "little"))
+    return torch.from_numpy(np.frombuffer(rs.bytes(size), dtype=np.uint8).copy())
+
+
+def dump_commit(store: TieredStore, ids, size: int = PAGE) -> list:
+    """Dump and commit; returns the ids actually stored (a full host tier may refuse some)."""
+    src = torch.stack([page_bytes(b, size) for b in ids])
+    t = store.dump(ids, 0, src)
+    store.wait(t)
+    store.commit(ids, [i not in t.errors for i in range(len(ids))])
+    return [b for i, b in enumerate(ids) if i not in t.errors]
+
+
+def load_check(store: TieredStore, ids, size: int = PAGE):
+    """(number of loads reported failed, number of loads that returned wrong bytes)."""
+    dst = torch.full((len(ids), size), 0xA5, dtype=torch.uint8)
+    t = store.load(ids, 0, dst)
+    store.wait(t)
+    wrong = sum(1 for i, b in enumerate(ids) if i not in t.errors and not torch.equal(dst[i], page_bytes(b, size)))
+    return len(t.errors), wrong
+
+
+# ---- child processes ------------------------------------------------------------------------------
+def crash_writer(root: str, ready_path: str, flushed_path: str, seed: int) -> None:
+    """Dump, commit and flush forever; append ids whose flush completed to `flushed_path`."""
+    torch.set_num_threads(1)
+    store = TieredStore(config(root, host="1MiB", ssd="256MiB"), CRASH_PAGE)  # no SSD eviction
+    rng = random.Random(seed)
+    n = 0
+    out = os.open(flushed_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    open(ready_path, "w").close()
+    while True:
+        ids = [bid(n + k, seed) for k in range(rng.randint(1, 6))]
+        n += len(ids)
+        dump_commit(store, ids, CRASH_PAGE)
+        if rng.random() < 0.5:
+            store.flush()
+            store.ssd.refresh()
+            done = [b for b in ids if b in store.ssd]  # a dump refused for lack of room is not "flushed"
+            os.write(out, b"".join(b.hex().encode() + b"\n" for b in done))
+
+
+def verify_after_crash(root: str, flushed_path: str, q) -> None:
+    torch.set_num_threads(1)
+    store = TieredStore(config(root, host="1MiB", ssd="256MiB"), CRASH_PAGE)
+    with open(flushed_path) as f:
+        flushed = [bytes.fromhex(line) for line in f.read().split()]
+    missing = [b.hex() for b, ok in zip(flushed, store.lookup(flushed)) if not ok]
+    present = list(dict.fromkeys(list(store.host.index.entries) + list(store.ssd.index.entries)))
+    failed = wrong = 0
+    for k in range(0, len(present), 32):
+        f, w = load_check(store, present[k:k + 32], CRASH_PAGE)
+        failed, wrong = failed + f, wrong + w
+    q.put({"present": len(present), "failed": failed, "wrong": wrong, "missing": missing, "flushed": len(flushed)})
+    store.close()
+
+
+def open_and_report(root: str, ids, host_dir: str, q) -> None:
+    torch.set_num_threads(1)
+    store = TieredStore(config(root, host_dir=host_dir), PAGE)
+    found, where = store.lookup(ids), store.where(ids)
+    failed, wrong = load_check(store, [b for b, f in zip(ids, found) if f]) if any(found) else (0, 0)
+    q.put({"found": found, "failed": failed, "wrong": wrong, "where": where})
+    store.close()
+
+
+def concurrent_worker(root: str, tag: int, rounds: int, q) -> None:
+    """Dump own and shared blocks while reading everything visible; report torn reads."""
+    torch.set_num_threads(1)
+    store = TieredStore(config(root, host="4MiB", ssd="32MiB"), PAGE)
+    committed, failed_loads, wrong = [], 0, 0
+    for r in range(rounds):
+        ids = [bid(r * 4 + k, tag) for k in range(3)] + [bid(r, 999)]  # last one shared by all writers
+        committed += dump_commit(store, ids)
+        visible = list(store.host.index.entries)[-16:]
+        f, w = load_check(store, visible)
+        failed_loads += f
+        wrong += w
+    store.flush()
+    q.put({"committed": [b.hex() for b in committed], "failed": failed_loads, "wrong": wrong})
+    store.close()
+
+
+def disk_full_child(root: str, fsize_limit: int, q) -> None:
+    import resource
+
+    torch.set_num_threads(1)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize_limit, fsize_limit))
+    store = TieredStore(config(root, host="408KiB", ssd="16MiB"), PAGE)  # 6 host slots
+    first = [bid(k, 7) for k in range(8)]
+    for k in range(0, 8, 4):
+        dump_commit(store, first[k:k + 4])
+        store.flush()
+    more = [bid(100 + k, 7) for k in range(40)]
+    for k in range(0, 40, 4):
+        dump_commit(store, more[k:k + 4])
+        store.flush()
+    found_first = store.lookup(first)
+    failed, wrong = load_check(store, first)
+    q.put({"flush_failures": store.stats.flush_failures, "errors": [e[2] for e in store.stats.recent_errors],
+           "found_first": found_first, "failed": failed, "wrong": wrong,
+           "on_ssd": sum(w == "ssd" or w == "host" for w in store.where(more))})
+    store.close()

@@ -1,0 +1,313 @@
+"""Cross-process index of one tier's slots: an append-only log of 64-byte records.
+
+A tier is `num_slots` fixed-size slots. Which block lives in which slot is recorded in `index.log`:
+
+    RES  slot owner          slot reserved by a writer (data being written, invisible to lookups)
+    PUT  slot id checksum    slot holds block `id` completely (visible); flag DIRTY: not yet in the
+                             next tier, so not evictable while its writer lives
+    CLEAN slot id            the block reached the next tier (evictable)
+    FREE slot                slot is free again (abort, eviction, or a dead writer's reservation)
+    EPOCH slot n             (compacted logs) the slot has been freed n times
+    MOVED                    the log was compacted; reopen the path
+
+Writers append under an exclusive `flock` on `index.lock`, after replaying what others appended.
+Readers never lock: each `refresh()` is one `pread` of the new tail, so a process sees other processes'
+commits without rescanning the store. A record is written with one `write` of 64 bytes at a 64-byte
+aligned offset, so a SIGKILL can never leave a torn record (the kernel stops a write at page
+boundaries, which are record boundaries); each record also carries a CRC32.
+
+Crash safety: data is written into a slot before its PUT is appended, so a PUT always names complete
+bytes. A slot's `epoch` counts its FREE records: a reader that copies a slot checks afterwards that the
+epoch did not move (the writer appends FREE before reusing a slot), so a concurrent eviction turns into
+a reported load error, never into wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+RECORD = struct.Struct("<BBHIQ16sQ20xI")  # type, flags, pad, slot, owner, id, checksum, pad, crc32
+assert RECORD.size == 64
+REC_RES, REC_PUT, REC_FREE, REC_MOVED, REC_EPOCH, REC_CLEAN = 1, 2, 3, 4, 5, 6
+FLAG_DIRTY = 1
+COMPACT_MIN_RECORDS = 4096  # compact when the log holds more than 4x live entries and this many records
+_NO_ID = b"\0" * 16
+
+
+def _pack(kind: int, slot: int = 0, owner: int = 0, block_id: bytes = _NO_ID, checksum: int = 0,
+          flags: int = 0) -> bytes:
+    body = RECORD.pack(kind, flags, 0, slot, owner, block_id, checksum, 0)
+    return body[:60] + struct.pack("<I", zlib.crc32(body[:60]))
+
+
+def process_owner() -> int:
+    """This process's owner tag: pid in the high 32 bits, its start time (clock ticks) in the low 32."""
+    pid = os.getpid()
+    return (pid << 32) | (_start_time(pid) & 0xFFFFFFFF)
+
+
+def _start_time(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat.rsplit(b")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def owner_alive(owner: int) -> bool:
+    pid = owner >> 32
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    start = _start_time(pid)
+    return start == 0 or (start & 0xFFFFFFFF) == (owner & 0xFFFFFFFF)
+
+
+@dataclass
+class Entry:
+    slot: int
+    checksum: int  # 0 = not checksummed (host tier)
+
+
+class SlotIndex:
+    """Replayed view of a tier's log, plus the writer operations (under `locked()`)."""
+
+    def __init__(self, directory: str, num_slots: int):
+        self.dir = directory
+        self.num_slots = num_slots
+        self.log_path = os.path.join(directory, "index.log")
+        self.owner = process_owner()
+        self._lock_fd = os.open(os.path.join(directory, "index.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self._locked = False
+        self._open_log()
+        self.refresh()
+
+    # ---- replay -------------------------------------------------------------------------------
+    def _open_log(self) -> None:
+        self._fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        self._offset = 0
+        self.entries: dict[bytes, Entry] = {}  # committed blocks
+        self.lru: OrderedDict[bytes, None] = OrderedDict()  # oldest first
+        self.slot_ids: dict[int, bytes] = {}  # slot -> committed id
+        self.reserved: dict[int, int] = {}  # slot -> owner
+        self.dirty: dict[bytes, int] = {}  # committed id not yet in the next tier -> its writer
+        self.epoch = [0] * self.num_slots
+        self.records = 0
+        self._reopen = False
+
+    def refresh(self) -> None:
+        """Apply records appended since the last call (one pread when nothing is new)."""
+        while True:
+            size = os.fstat(self._fd).st_size
+            if size - self._offset < RECORD.size:
+                break
+            data = os.pread(self._fd, min(size - self._offset, 1 << 20), self._offset)
+            usable = len(data) - len(data) % RECORD.size
+            if usable == 0:
+                break
+            self._apply(memoryview(data)[:usable])
+            if self._reopen:
+                os.close(self._fd)
+                self._open_log()
+                continue
+
+    def _apply(self, data: memoryview) -> None:
+        n = len(data) // RECORD.size
+        for i in range(n):
+            rec = data[i * 64:(i + 1) * 64]
+            kind, flags, _, slot, owner, bid, checksum, crc = RECORD.unpack(rec)
+            if crc != zlib.crc32(rec[:60]) or (kind != REC_MOVED and slot >= self.num_slots):
+                # a corrupt record (disk damage); skip it but keep our place in the log
+                self._offset += 64
+                continue
+            self._offset += 64
+            self.records += 1
+            if kind == REC_PUT:
+                self.reserved.pop(slot, None)
+                old = self.slot_ids.get(slot)
+                if old is not None:
+                    self.entries.pop(old, None)
+                    self.lru.pop(old, None)
+                prev = self.entries.get(bid)
+                if prev is not None:
+                    self.slot_ids.pop(prev.slot, None)
+                self.entries[bid] = Entry(slot, checksum)
+                if flags & FLAG_DIRTY:
+                    self.dirty[bid] = owner
+                else:
+                    self.dirty.pop(bid, None)
+                self.lru[bid] = None
+                self.lru.move_to_end(bid)
+                self.slot_ids[slot] = bid
+            elif kind == REC_RES:
+                self.reserved[slot] = owner
+            elif kind == REC_FREE:
+                self.reserved.pop(slot, None)
+                old = self.slot_ids.pop(slot, None)
+                if old is not None and self.entries.get(old, Entry(-1, 0)).slot == slot:
+                    del self.entries[old]
+                    self.lru.pop(old, None)
+                    self.dirty.pop(old, None)
+                self.epoch[slot] += 1
+            elif kind == REC_CLEAN:
+                if self.slot_ids.get(slot) == bid:
+                    self.dirty.pop(bid, None)
+            elif kind == REC_EPOCH:
+                self.epoch[slot] = owner
+            elif kind == REC_MOVED:
+                self._reopen = True
+                return
+
+    def version(self, slot: int) -> int:
+        """Changes whenever the slot may have been reused; compare before and after copying it."""
+        return self.epoch[slot]
+
+    def touch(self, block_id: bytes) -> None:
+        """Mark a block as recently used in this process's LRU order."""
+        if block_id in self.lru:
+            self.lru.move_to_end(block_id)
+
+    # ---- writers --------------------------------------------------------------------------------
+    @contextmanager
+    def locked(self) -> Iterator["SlotIndex"]:
+        """Exclusive writer section: replays the log first; appends go to `append()`."""
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self._locked = True
+        try:
+            size = os.fstat(self._fd).st_size
+            if size % RECORD.size:  # a short append from a full disk: cut it back to whole records
+                os.ftruncate(self._fd, size - size % RECORD.size)
+            self.refresh()
+            self._pending: list[bytes] = []
+            yield self
+            self._flush_records()
+            if self.records > COMPACT_MIN_RECORDS and self.records > 4 * (len(self.entries) + len(self.reserved)):
+                self._compact()
+        finally:
+            self._locked = False
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+
+    def _append(self, rec: bytes) -> None:
+        assert self._locked, "index writes need locked()"
+        self._pending.append(rec)
+
+    def _flush_records(self) -> None:
+        if not self._pending:
+            return
+        blob = b"".join(self._pending)
+        self._pending = []
+        written = os.write(self._fd, blob)
+        if written != len(blob):  # a short append (disk full): drop the partial tail record
+            raise OSError(errno.ENOSPC, "short write to the index log")
+        self.refresh()
+
+    def flush_now(self) -> None:
+        """Inside locked(): write queued records now (before touching slot data that depends on them)."""
+        self._flush_records()
+
+    def free_slots(self) -> list[int]:
+        used = set(self.slot_ids) | set(self.reserved)
+        return [s for s in range(self.num_slots) if s not in used]
+
+    def reserve(self, count: int, pinned: set[int]) -> list[int]:
+        """Inside locked(): up to `count` slots for this process, evicting LRU blocks if needed.
+
+        Never evicted: `pinned` slots (in use by this process) and dirty blocks whose writer lives.
+        Returns fewer slots than asked when nothing more can be freed.
+        """
+        alive: dict[int, bool] = {}
+        free = self.free_slots()
+        if len(free) < count:
+            free += self._reclaim_dead()
+        victims: list[int] = []
+        if len(free) < count:
+            for bid in list(self.lru):
+                if len(free) + len(victims) >= count:
+                    break
+                slot = self.entries[bid].slot
+                if slot in pinned:
+                    continue
+                writer = self.dirty.get(bid)
+                if writer is not None:
+                    if writer not in alive:
+                        alive[writer] = writer == self.owner or owner_alive(writer)
+                    if alive[writer]:
+                        continue
+                victims.append(slot)
+        for slot in victims:
+            self._append(_pack(REC_FREE, slot))
+        got = (free + victims)[:count]
+        for slot in got:
+            self._append(_pack(REC_RES, slot, self.owner))
+        self._flush_records()  # FREE must be durable in the log before anyone writes the slot
+        return got
+
+    def _reclaim_dead(self) -> list[int]:
+        dead = [s for s, o in self.reserved.items() if o != self.owner and not owner_alive(o)]
+        for s in dead:
+            self._append(_pack(REC_FREE, s))
+        return dead
+
+    def publish(self, block_id: bytes, slot: int, checksum: int = 0, dirty: bool = False) -> bool:
+        """Inside locked(): make a reserved slot hold `block_id`. False (slot freed) if the id is already
+        committed elsewhere (two writers stored the same block: the first wins)."""
+        if self.reserved.get(slot) != self.owner:
+            return False  # our reservation was reclaimed; never publish over it
+        if block_id in self.entries:
+            self._append(_pack(REC_FREE, slot))
+            return False
+        self._append(_pack(REC_PUT, slot, self.owner, block_id, checksum, FLAG_DIRTY if dirty else 0))
+        return True
+
+    def mark_clean(self, block_id: bytes) -> None:
+        """Inside locked(): the block reached the next tier; it may be evicted now."""
+        e = self.entries.get(block_id)
+        if e is not None and block_id in self.dirty:
+            self._append(_pack(REC_CLEAN, e.slot, 0, block_id))
+
+    def release(self, slot: int) -> None:
+        """Inside locked(): give back a slot reserved by this process (abort)."""
+        if self.reserved.get(slot) == self.owner:
+            self._append(_pack(REC_FREE, slot))
+
+    def evict(self, block_id: bytes) -> None:
+        """Inside locked(): drop a committed block."""
+        e = self.entries.get(block_id)
+        if e is not None:
+            self._append(_pack(REC_FREE, e.slot))
+
+    def _compact(self) -> None:
+        """Rewrite the log as the live state, rename it into place, and mark the old log MOVED."""
+        tmp = self.log_path + ".compact"
+        recs = [_pack(REC_EPOCH, s, e) for s, e in enumerate(self.epoch) if e]  # versions stay comparable
+        recs += [_pack(REC_RES, s, o) for s, o in self.reserved.items()]
+        recs += [_pack(REC_PUT, self.entries[bid].slot, self.dirty.get(bid, 0), bid, self.entries[bid].checksum,
+                       FLAG_DIRTY if bid in self.dirty else 0) for bid in self.lru]
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, b"".join(recs))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.log_path)
+        os.write(self._fd, _pack(REC_MOVED))
+        self.refresh()  # reads MOVED, reopens the compacted log
+
+    def close(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            try:
+                os.close(fd)
+            except OSError:
+                pass

@@ -1,0 +1,277 @@
+"""A tier: fixed-size slots in one directory, indexed by a `SlotIndex`, shared by every process.
+
+Two backends hold the bytes:
+
+* `MemorySlots`: one file in shared memory (/dev/shm), mapped into every process that opens the tier,
+  so the scheduler process sees the worker's blocks and a restarted process finds them. Reserved up
+  front with posix_fallocate (a full /dev/shm is a clear error at start, not a SIGBUS later), pinned
+  with cudaHostRegister when CUDA is present.
+* `FileSlots`: slab files on disk, read and written with pread/pwrite (optionally O_DIRECT), one
+  checksum per page verified on every read.
+
+Slots are `page_size` rounded up to 4 KiB, so every slot is aligned for O_DIRECT and DMA.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import xxhash
+
+from ucm.logger import get_logger
+from ucm.tiers.index import SlotIndex
+
+ALIGN = 4096
+log = get_logger("Tier")
+
+
+def round_up(n: int, align: int = ALIGN) -> int:
+    return (n + align - 1) // align * align
+
+
+def page_checksum(buf) -> int:
+    """xxh3-64 of a page's bytes; never 0 (0 means 'not checksummed')."""
+    return xxhash.xxh3_64_intdigest(buf) or 1
+
+
+class TierError(OSError):
+    pass
+
+
+class MemorySlots:
+    """Slots in one shared-memory file mapped into this process."""
+
+    def __init__(self, directory: str, num_slots: int, slot_size: int):
+        self.path = os.path.join(directory, "pages.bin")
+        size = num_slots * slot_size
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if os.fstat(fd).st_size < size:
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as e:
+                    raise TierError(e.errno, f"cannot reserve {size} bytes for the host tier at {self.path}: "
+                                    f"{e.strerror}; lower host.capacity or set host.path to a larger tmpfs")
+            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: mmap keeps a dup of fd, which would keep the lock
+            os.close(fd)
+        self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8).view(num_slots, slot_size)
+        self.pinned = False
+        if torch.cuda.is_available():
+            rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0)
+            self.pinned = int(rc) == 0
+            if not self.pinned:
+                log.warning("cudaHostRegister of the host tier failed (%s); GPU copies will be slower", rc)
+
+    def page(self, slot: int) -> torch.Tensor:
+        return self.tensor[slot]
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
+            self.pinned = False
+        self.tensor = None
+        try:
+            self._mm.close()
+        except BufferError:  # a view still alive somewhere; the mapping goes with the process
+            pass
+
+
+class FileSlots:
+    """Slots in slab files of `slots_per_slab` slots each."""
+
+    def __init__(self, directory: str, slot_size: int, slots_per_slab: int, direct_io: bool, fsync: bool):
+        self.dir = directory
+        self.slot_size = slot_size
+        self.slots_per_slab = slots_per_slab
+        self.flags = os.O_RDWR | os.O_CREAT | (getattr(os, "O_DIRECT", 0) if direct_io else 0)
+        self.fsync = fsync
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def slab_path(self, slab: int) -> str:
+        return os.path.join(self.dir, f"slab_{slab:05d}.bin")
+
+    def _fd(self, slab: int) -> int:
+        fd = self._fds.get(slab)
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get(slab)
+                if fd is None:
+                    fd = self._fds[slab] = os.open(self.slab_path(slab), self.flags, 0o600)
+        return fd
+
+    def _where(self, slot: int) -> tuple[int, int]:
+        slab, i = divmod(slot, self.slots_per_slab)
+        return self._fd(slab), i * self.slot_size
+
+    def write(self, slot: int, buf: memoryview) -> None:
+        fd, off = self._where(slot)
+        done = 0
+        while done < len(buf):  # a short write is retried once more to surface the real errno
+            n = os.pwrite(fd, buf[done:], off + done)
+            if n <= 0:
+                raise TierError(errno.ENOSPC, f"no space left writing slot {slot}")
+            done += n
+        if self.fsync:
+            os.fdatasync(fd)
+
+    def read(self, slot: int, buf: memoryview) -> None:
+        fd, off = self._where(slot)
+        n = os.preadv(fd, [buf], off)
+        if n != len(buf):
+            raise TierError(errno.EIO, f"short read ({n} of {len(buf)} bytes): slab file truncated")
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
+
+
+@dataclass(frozen=True)
+class TierSpec:
+    name: str  # "host" or "ssd"
+    path: str  # root directory; the tier lives in <path>/p<page_size>
+    capacity: int  # bytes
+    kind: str  # "memory" or "file"
+    slab_size: int = 1 << 30
+    direct_io: bool = False
+    fsync: bool = False
+    checksum: bool = False
+    keep_after_exit: bool = True
+
+
+class SlabTier:
+    """Slots holding pages of `page_size` bytes; thread-safe; shared with other processes."""
+
+    def __init__(self, spec: TierSpec, page_size: int):
+        self.spec = spec
+        self.name = spec.name
+        self.page_size = page_size
+        self.slot_size = round_up(page_size)
+        self.num_slots = spec.capacity // self.slot_size
+        if self.num_slots < 1:
+            raise TierError(errno.EINVAL, f"{spec.name} tier capacity {spec.capacity} B holds no page of "
+                            f"{page_size} B; raise {spec.name}.capacity")
+        self.dir = os.path.join(spec.path, f"p{page_size}")
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        # every process using the tier holds a shared lock; the last one out may drop a memory tier
+        self._users_fd = os.open(os.path.join(self.dir, "users.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+        self.index = SlotIndex(self.dir, self.num_slots)
+        if spec.kind == "memory":
+            self.slots = MemorySlots(self.dir, self.num_slots, self.slot_size)
+        else:
+            per_slab = max(1, spec.slab_size // self.slot_size)
+            self.slots = FileSlots(self.dir, self.slot_size, per_slab, spec.direct_io, spec.fsync)
+        self.lock = threading.RLock()
+        self.pins: Counter[int] = Counter()  # slots this process is reading or writing
+
+    # ---- queries ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        with self.lock:
+            self.index.refresh()
+
+    def __contains__(self, block_id: bytes) -> bool:
+        return block_id in self.index.entries
+
+    def lookup(self, ids: list[bytes]) -> list[bool]:
+        with self.lock:
+            self.index.refresh()
+            entries = self.index.entries
+            return [i in entries for i in ids]
+
+    def used_bytes(self) -> int:
+        return len(self.index.entries) * self.slot_size
+
+    # ---- pinning: a pinned slot is never evicted by this process --------------------------------
+    def pin(self, block_id: bytes):
+        """(slot, checksum, version) of a committed block, pinned; None if absent."""
+        with self.lock:
+            e = self.index.entries.get(block_id)
+            if e is None:
+                return None
+            self.pins[e.slot] += 1
+            self.index.touch(block_id)
+            return e.slot, e.checksum, self.index.version(e.slot)
+
+    def unpin(self, slot: int) -> None:
+        with self.lock:
+            self.pins[slot] -= 1
+            if self.pins[slot] <= 0:
+                del self.pins[slot]
+
+    def still_valid(self, slot: int, version) -> bool:
+        """True if nobody freed the slot since `version` was taken (call after copying it)."""
+        with self.lock:
+            self.index.refresh()
+            return self.index.version(slot) == version
+
+    # ---- writes -------------------------------------------------------------------------------
+    def reserve(self, count: int) -> list[int]:
+        """Up to `count` slots reserved (and pinned) for this process; LRU clean blocks are evicted."""
+        with self.lock:
+            with self.index.locked():
+                slots = self.index.reserve(count, set(self.pins))
+            for s in slots:
+                self.pins[s] += 1
+            return slots
+
+    def publish(self, items: list[tuple[bytes, int, int]], dirty: bool = False) -> list[bool]:
+        """Make (id, slot, checksum) visible; unpins. False where the id was already stored elsewhere.
+        `dirty` blocks are not evicted (while this process lives) until `mark_clean`."""
+        with self.lock:
+            with self.index.locked():
+                ok = [self.index.publish(bid, slot, cs, dirty) for bid, slot, cs in items]
+            for _, slot, _ in items:
+                self.unpin(slot)
+            return ok
+
+    def release(self, slots: list[int]) -> None:
+        """Give back reserved slots whose writes failed or were aborted; unpins."""
+        if not slots:
+            return
+        with self.lock:
+            with self.index.locked():
+                for s in slots:
+                    self.index.release(s)
+            for s in slots:
+                self.unpin(s)
+
+    def mark_clean(self, ids: list[bytes]) -> None:
+        with self.lock:
+            with self.index.locked():
+                for bid in ids:
+                    self.index.mark_clean(bid)
+
+    def evict(self, ids: list[bytes]) -> None:
+        with self.lock:
+            with self.index.locked():
+                for bid in ids:
+                    self.index.evict(bid)
+
+    def close(self) -> None:
+        with self.lock:
+            self.slots.close()
+            self.index.close()
+            if not self.spec.keep_after_exit:
+                try:
+                    fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    for f in ("pages.bin", "index.log", "index.lock"):
+                        try:
+                            os.unlink(os.path.join(self.dir, f))
+                        except FileNotFoundError:
+                            pass
+                except BlockingIOError:
+                    pass  # another process still uses the tier
+            os.close(self._users_fd)

@@ -1,0 +1,558 @@
+"""TieredStore: the Store API over a host tier (G2, shared memory) and an SSD tier (G3, slab files).
+
+    lookup(ids) -> list[bool]          committed and readable, per id
+    lookup_prefix(ids) -> int          number of leading hits
+    dump(ids, offset, src) -> Task     write row i of `src` into block ids[i]'s page at byte `offset`
+    load(ids, offset, dst) -> Task     read each page's bytes [offset, offset + row size) into row i of `dst`
+    wait(task) -> int                  number of failed blocks (0 = success); task.errors says why
+    commit(ids, success)               publish dumped blocks (or drop failed ones)
+    storage_path                       where the SSD tier lives (the host tier's directory if host-only)
+
+A page is one block's bytes (`page_size`). Dumps land in the host tier; committed blocks are flushed to
+the SSD tier on I/O threads (write_through: every commit; write_back: when the host tier fills), so
+`dump` never waits for the disk. A load of a block found only on SSD promotes it into the host tier.
+A block is never visible half-written, and a failure is reported per block, never silently: a load
+that fails (missing, corrupt, evicted mid-read) is an error in `task.errors`, and a dump that cannot be
+placed or flushed is logged and simply not stored.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import xxhash
+
+from ucm.config import UCMConfig, check_writable
+from ucm.logger import get_logger
+from ucm.tiers.slab import SlabTier, TierError, TierSpec, page_checksum
+
+log_store = get_logger("Store")
+log_load = get_logger("Load")
+log_save = get_logger("Save")
+
+
+def byte_rows(t: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    """View a contiguous tensor as `n` rows of bytes (row i belongs to block i)."""
+    if not t.is_contiguous():
+        raise ValueError(f"{what} must be contiguous (shape {tuple(t.shape)}, strides {t.stride()})")
+    flat = t.reshape(-1)
+    if flat.dtype != torch.uint8:
+        flat = flat.view(torch.uint8)
+    if n == 0 or flat.numel() % n:
+        raise ValueError(f"{what} holds {flat.numel()} bytes, not a multiple of {n} blocks")
+    return flat.view(n, -1)
+
+
+@dataclass
+class Task:
+    """One dump or load. After `store.wait(task)`, `errors` maps a block's index in `ids` to why it
+    failed; `failed_ids` lists those blocks."""
+
+    kind: str
+    ids: list[bytes]
+    errors: dict[int, str] = field(default_factory=dict)
+    _checks: list = field(default_factory=list)  # (tier, slot, version, index) to validate after copying
+    _deferred: list = field(default_factory=list)  # (index, block id, promotion future, offset, dst row)
+    _event: object = None
+    _done: bool = False
+    nbytes: int = 0  # bytes per block moved by this task
+
+    @property
+    def failed_ids(self) -> list[bytes]:
+        return [self.ids[i] for i in sorted(self.errors)]
+
+    def fail(self, i: int, why: str) -> None:
+        self.errors.setdefault(i, why)
+
+
+@dataclass
+class _Promotion:
+    """An SSD -> host promotion in flight, and how many loads wait for it."""
+
+    future: Future | None = None
+    consumers: int = 1
+
+
+@dataclass
+class StoreStats:
+    dumped_blocks: int = 0
+    dump_bytes: int = 0
+    loaded_blocks: int = 0
+    load_bytes: int = 0
+    host_hits: int = 0
+    ssd_hits: int = 0
+    load_errors: int = 0
+    dump_failures: int = 0
+    flushed_blocks: int = 0
+    flush_failures: int = 0
+    recent_errors: deque = field(default_factory=lambda: deque(maxlen=32))
+
+
+def _runs(rows: list[int], slots: list[int]):
+    """(first row, first slot, length) of maximal runs where both rows and slots go up by one."""
+    k = 0
+    while k < len(rows):
+        j = k + 1
+        while j < len(rows) and rows[j] == rows[j - 1] + 1 and slots[j] == slots[j - 1] + 1:
+            j += 1
+        yield rows[k], slots[k], j - k
+        k = j
+
+
+def _default_host_path(config: UCMConfig) -> str:
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    key = config.ssd.path if config.ssd else "host-only"
+    return os.path.join(base, f"ucm-{os.getuid()}", xxhash.xxh64_hexdigest(key.encode())[:16])
+
+
+class TieredStore:
+    """The Store API; thread-safe; any number of processes may open the same paths."""
+
+    def __init__(self, config: UCMConfig, page_size: int):
+        if page_size <= 0:
+            raise ValueError(f"page_size must be a positive number of bytes, got {page_size}")
+        self.config = config
+        self.page_size = page_size
+        self.stats = StoreStats()
+        hc = config.host
+        host_path = _default_host_path(config) if hc.path == "auto" else hc.path
+        check_writable(host_path, config.source, "host.path")
+        self.host = SlabTier(TierSpec("host", host_path, hc.capacity, "memory",
+                                      keep_after_exit=hc.keep_after_exit), page_size)
+        self.ssd: SlabTier | None = None
+        if config.ssd is not None:
+            sc = config.ssd
+            check_writable(sc.path, config.source, "ssd.path")
+            self.ssd = SlabTier(TierSpec("ssd", sc.path, sc.capacity, "file", slab_size=sc.slab_size,
+                                         direct_io=sc.direct_io, fsync=sc.fsync, checksum=True), page_size)
+        self._lock = threading.Lock()
+        self._pending: dict[bytes, int] = {}  # dumped, not committed: id -> host slot
+        self._unflushed: dict[bytes, None] = {}  # committed in host, not yet on SSD (oldest first)
+        self._promoting: dict[bytes, _Promotion] = {}
+        self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="ucm-io")
+        self._flush_q: queue.Queue = queue.Queue()
+        self._closed = False
+        self._flusher = None
+        if self.ssd is not None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="ucm-flush", daemon=True)
+            self._flusher.start()
+        log_store.info("store open: page %d B, host %d slots at %s, ssd %s", page_size, self.host.num_slots,
+                       self.host.dir, f"{self.ssd.num_slots} slots at {self.ssd.dir}" if self.ssd else "off")
+
+    # ---- queries --------------------------------------------------------------------------------
+    @property
+    def storage_path(self) -> str:
+        return self.ssd.dir if self.ssd is not None else self.host.dir
+
+    def lookup(self, ids: Sequence[bytes]) -> list[bool]:
+        ids = list(ids)
+        found = self.host.lookup(ids)
+        if self.ssd is not None and not all(found):
+            on_ssd = self.ssd.lookup(ids)
+            found = [a or b for a, b in zip(found, on_ssd)]
+        return found
+
+    def lookup_prefix(self, ids: Sequence[bytes]) -> int:
+        self.host.refresh()
+        if self.ssd is not None:
+            self.ssd.refresh()
+        host, ssd = self.host.index.entries, (self.ssd.index.entries if self.ssd else {})
+        n = 0
+        for bid in ids:
+            if bid not in host and bid not in ssd:
+                break
+            n += 1
+        return n
+
+    def where(self, ids: Sequence[bytes]) -> list[str]:
+        """Per id: 'host', 'ssd' or 'none' (diagnostics)."""
+        self.host.refresh()
+        if self.ssd is not None:
+            self.ssd.refresh()
+        return ["host" if b in self.host else "ssd" if self.ssd is not None and b in self.ssd else "none"
+                for b in ids]
+
+    # ---- dump / commit --------------------------------------------------------------------------
+    def dump(self, ids: Sequence[bytes], offset: int, src: torch.Tensor) -> Task:
+        ids = list(ids)
+        task = Task("dump", ids)
+        if not ids:
+            return task
+        rows = byte_rows(src, len(ids), "dump source")
+        nbytes = rows.shape[1]
+        if offset < 0 or offset + nbytes > self.page_size:
+            raise ValueError(f"dump of {nbytes} B at offset {offset} exceeds the page size {self.page_size} B")
+        with self._lock:
+            self.host.refresh()
+            fresh: list[bytes] = []
+            for bid in ids:
+                if bid in self._pending or bid in fresh or bid in self.host or (self.ssd and bid in self.ssd):
+                    continue
+                fresh.append(bid)
+            slots = self.host.reserve(len(fresh)) if fresh else []
+            for bid, slot in zip(fresh, slots):
+                self._pending[bid] = slot
+            targets = [self._pending.get(bid) for bid in ids]
+        dropped = set(fresh[len(slots):])
+        if dropped:
+            self.stats.dump_failures += len(dropped)
+            log_save.warning("host tier full of blocks not yet flushed: %d of %d blocks not saved",
+                             len(dropped), len(fresh))
+        copy_rows, copy_slots = [], []
+        for i, (bid, slot) in enumerate(zip(ids, targets)):
+            if bid in dropped:
+                task.fail(i, "host tier full (every page holds a block not yet flushed to SSD)")
+            elif slot is not None:
+                copy_rows.append(i)
+                copy_slots.append(slot)
+        self._copy_into_pages(rows, copy_rows, copy_slots, offset)
+        if rows.is_cuda:
+            task._event = torch.cuda.Event()
+            task._event.record()
+        self.stats.dump_bytes += nbytes * (len(ids) - len(dropped))
+        return task
+
+    def commit(self, ids: Sequence[bytes], success: bool | Iterable[bool] = True) -> None:
+        ids = list(ids)
+        oks = [bool(success)] * len(ids) if isinstance(success, bool) else [bool(s) for s in success]
+        if len(oks) != len(ids):
+            raise ValueError(f"commit got {len(ids)} ids but {len(oks)} success flags")
+        with self._lock:
+            publish, release = [], []
+            for bid, ok in zip(ids, oks):
+                slot = self._pending.pop(bid, None)
+                if slot is None:
+                    continue
+                (publish if ok else release).append((bid, slot))
+            if publish:
+                # dirty: a host block is not evicted (by any process) before it reached the SSD
+                flags = self.host.publish([(bid, slot, 0) for bid, slot in publish], dirty=self.ssd is not None)
+                fresh = [bid for (bid, _), ok in zip(publish, flags) if ok]
+                self.stats.dumped_blocks += len(fresh)
+                if self.ssd is not None:
+                    for bid in fresh:
+                        self._unflushed[bid] = None
+                    if self.config.write_policy == "write_through" and fresh:
+                        self._flush_q.put(fresh)
+            self.host.release([slot for _, slot in release])
+        if release:
+            log_save.debug("dropped %d blocks committed as failed", len(release))
+        if self.ssd is not None and self.config.write_policy == "write_back":
+            self._flush_if_full()
+
+    # ---- load -----------------------------------------------------------------------------------
+    def load(self, ids: Sequence[bytes], offset: int, dst: torch.Tensor) -> Task:
+        ids = list(ids)
+        task = Task("load", ids)
+        if not ids:
+            return task
+        rows = byte_rows(dst, len(ids), "load destination")
+        nbytes = rows.shape[1]
+        if offset < 0 or offset + nbytes > self.page_size:
+            raise ValueError(f"load of {nbytes} B at offset {offset} exceeds the page size {self.page_size} B")
+        self.host.refresh()
+        hit_rows, hit_slots, misses = [], [], []
+        for i, bid in enumerate(ids):
+            pinned = self.host.pin(bid)
+            if pinned is not None:
+                slot, _, version = pinned
+                hit_rows.append(i)
+                hit_slots.append(slot)
+                task._checks.append((self.host, slot, version, i))
+                self.stats.host_hits += 1
+            else:
+                misses.append(i)
+        if misses:
+            futures = self._promotions([ids[i] for i in misses])
+            for i in misses:
+                fut = futures.get(ids[i])
+                if fut is None:
+                    task.fail(i, "not found in any tier")
+                else:
+                    task._deferred.append((i, ids[i], fut, offset, rows[i]))
+        self._copy_from_pages(rows, hit_rows, hit_slots, offset)
+        if rows.is_cuda:
+            task._event = torch.cuda.Event()
+            task._event.record()
+        task.nbytes = nbytes
+        return task
+
+    def _copy_into_pages(self, rows: torch.Tensor, which: list[int], slots: list[int], offset: int) -> None:
+        """pages[slots[k], offset:+n] = rows[which[k]]; consecutive runs move in one copy."""
+        pages = self.host.slots.tensor[:, offset:offset + rows.shape[1]]
+        for r, sl, k in _runs(which, slots):
+            pages[sl:sl + k].copy_(rows[r:r + k], non_blocking=rows.is_cuda)
+
+    def _copy_from_pages(self, rows: torch.Tensor, which: list[int], slots: list[int], offset: int) -> None:
+        """rows[which[k]] = pages[slots[k], offset:+n]; consecutive runs move in one copy."""
+        pages = self.host.slots.tensor[:, offset:offset + rows.shape[1]]
+        for r, sl, k in _runs(which, slots):
+            rows[r:r + k].copy_(pages[sl:sl + k], non_blocking=rows.is_cuda)
+
+    PROMOTE_CHUNK = 8  # blocks per promotion job: one reserve and one publish per chunk
+
+    def _promotions(self, ids: list[bytes]) -> dict[bytes, Future]:
+        """Futures of promotions from SSD for the ids found there (shared with loads already waiting
+        for the same blocks); ids found nowhere are absent from the result."""
+        out: dict[bytes, Future] = {}
+        if self.ssd is None:
+            return out
+        with self._lock:
+            self.ssd.refresh()
+            new: list[bytes] = []
+            for bid in ids:
+                promo = self._promoting.get(bid)
+                if promo is not None:
+                    promo.consumers += 1
+                    out[bid] = promo.future
+                elif bid in self.ssd and bid not in out:
+                    new.append(bid)
+                    promo = self._promoting[bid] = _Promotion()
+            per = max(1, min(self.PROMOTE_CHUNK, -(-len(new) // self.config.io_threads)))
+            for k in range(0, len(new), per):
+                chunk = new[k:k + per]
+                fut = self._io.submit(self._promote_chunk, chunk)
+                for bid in chunk:
+                    self._promoting[bid].future = out[bid] = fut
+        return out
+
+    def _promote_chunk(self, ids: list[bytes]) -> dict:
+        """Read blocks from SSD, verify them, and place them in the host tier, pinned once per waiting
+        load. Per id: ("host", slot, version), ("page", tensor) when the host tier had no room, or an
+        exception saying why the block cannot be served."""
+        ssd, results = self.ssd, {}
+        ssd_pins: list[int] = []
+        hslots: list[int] = []
+        try:
+            todo = []
+            for bid in ids:
+                pinned = ssd.pin(bid)
+                if pinned is None:
+                    results[bid] = TierError(0, "evicted from SSD before it could be read")
+                else:
+                    ssd_pins.append(pinned[0])
+                    todo.append((bid, *pinned))
+            hslots = self.host.reserve(len(todo))
+            good, bad = [], []
+            for k, (bid, sslot, checksum, version) in enumerate(todo):
+                if k < len(hslots):
+                    page = self.host.slots.page(hslots[k])
+                else:  # no room in host memory: serve from a private, O_DIRECT-aligned buffer
+                    page = torch.empty(ssd.slot_size + 4096, dtype=torch.uint8)
+                    skew = (-page.data_ptr()) % 4096
+                    page = page[skew:skew + ssd.slot_size]
+                why = None
+                try:
+                    ssd.slots.read(sslot, memoryview(page.numpy()))
+                    if page_checksum(memoryview(page.numpy())[:self.page_size]) != checksum:
+                        why = "checksum mismatch (corrupt page)"
+                except OSError as e:
+                    why = f"read failed: {e.strerror or e}"
+                if not ssd.still_valid(sslot, version):
+                    results[bid] = TierError(0, "evicted from SSD during the read")
+                elif why is not None:
+                    bad.append(bid)
+                    log_load.error("SSD block %s in %s: %s; evicted", bid.hex()[:12], ssd.dir, why)
+                    results[bid] = TierError(0, f"SSD {why}")
+                elif k < len(hslots):
+                    good.append((bid, hslots[k]))
+                else:
+                    results[bid] = ("page", page)
+            if bad:
+                ssd.evict(bad)  # drop bad blocks so lookups stop offering them
+            self.stats.ssd_hits += len(good) + sum(1 for r in results.values() if isinstance(r, tuple))
+            unused = [s for s in hslots if s not in {slot for _, slot in good}]
+            self.host.release(unused)
+            if good:
+                with self._lock, self.host.lock:
+                    self.host.publish([(bid, slot, 0) for bid, slot in good])
+                    for bid, _ in good:
+                        pinned = self.host.pin(bid)  # one pin per consumer: a large batch cannot evict itself
+                        if pinned is None:
+                            results[bid] = TierError(0, "evicted from host memory right after promotion")
+                            continue
+                        self.host.pins[pinned[0]] += self._promoting[bid].consumers - 1
+                        results[bid] = ("host", pinned[0], pinned[2])
+            return results
+        except Exception as e:  # noqa: BLE001 - every id gets an answer
+            for bid in ids:
+                results.setdefault(bid, e)
+            return results
+        finally:
+            for sslot in ssd_pins:
+                ssd.unpin(sslot)
+            with self._lock:
+                for bid in ids:
+                    self._promoting.pop(bid, None)
+
+    def wait(self, task: Task) -> int:
+        """Finish a task; returns the number of failed blocks (0 = all succeeded)."""
+        if task._done:
+            return len(task.errors)
+        if task._event is not None:
+            task._event.synchronize()
+        for tier, slot, version, i in task._checks:
+            if not tier.still_valid(slot, version):
+                task.fail(i, f"{tier.name} page reused by another process during the copy")
+            tier.unpin(slot)
+        for i, bid, fut, offset, row in task._deferred:
+            where = fut.result()[bid]
+            if isinstance(where, Exception):
+                task.fail(i, str(where) if isinstance(where, TierError) else f"{type(where).__name__}: {where}")
+                continue
+            if where[0] == "page":
+                row.copy_(where[1][offset:offset + row.numel()])
+                continue
+            _, slot, version = where
+            row.copy_(self.host.slots.page(slot)[offset:offset + row.numel()])
+            if row.is_cuda:
+                torch.cuda.current_stream().synchronize()
+            if not self.host.still_valid(slot, version):
+                task.fail(i, "host page reused by another process during the copy")
+            self.host.unpin(slot)
+        task._checks, task._deferred, task._done = [], [], True
+        if task.kind == "load":
+            ok = len(task.ids) - len(task.errors)
+            self.stats.loaded_blocks += ok
+            self.stats.load_bytes += ok * task.nbytes
+            if task.errors:
+                self.stats.load_errors += len(task.errors)
+                first = min(task.errors)
+                self.stats.recent_errors.append((time.time(), "load", task.errors[first]))
+                log_load.warning("%d of %d blocks failed to load; first: block %s: %s", len(task.errors),
+                                 len(task.ids), task.ids[first].hex()[:12], task.errors[first])
+        return len(task.errors)
+
+    # ---- flushing to SSD ------------------------------------------------------------------------
+    def _flush_if_full(self) -> None:
+        used = len(self.host.index.entries) + len(self._pending)
+        if used >= 0.8 * self.host.num_slots and self._unflushed:
+            with self._lock:
+                batch = list(self._unflushed)[: max(1, self.host.num_slots // 4)]
+            self._flush_q.put(batch)
+
+    def _flush_loop(self) -> None:
+        while True:
+            batch = self._flush_q.get()
+            try:
+                if batch is None:
+                    return
+                self._flush(batch)
+            except Exception as e:  # noqa: BLE001 - the flusher must survive anything
+                log_save.error("flush to SSD failed: %s: %s", type(e).__name__, e)
+            finally:
+                self._flush_q.task_done()
+
+    def _flush(self, ids: list[bytes]) -> None:
+        ssd = self.ssd
+        ssd.refresh()
+        todo = [b for b in ids if b not in ssd]
+        already = [b for b in ids if b in ssd]
+        for b in already:
+            self._unflushed.pop(b, None)
+        self.host.mark_clean(already)
+        if not todo:
+            return
+        try:
+            slots = ssd.reserve(len(todo))
+        except OSError as e:
+            self._flush_failed(todo, f"cannot reserve SSD space: {e.strerror or e}")
+            return
+        if len(slots) < len(todo):
+            self._flush_failed(todo[len(slots):], "SSD tier full of pages in use")
+        results = list(self._io.map(self._write_one, todo[:len(slots)], slots))
+        done = [(b, s, cs) for b, s, cs in zip(todo, slots, results) if isinstance(cs, int)]
+        failed = [(b, s, why) for b, s, why in zip(todo, slots, results) if isinstance(why, str)]
+        if done:
+            ssd.publish(done)
+        ssd.release([s for _, s, _ in failed])
+        for b, _, _ in done:
+            self._unflushed.pop(b, None)
+        self.host.mark_clean([b for b, _, _ in done])
+        self.stats.flushed_blocks += len(done)
+        if failed:
+            self._flush_failed([b for b, _, _ in failed], failed[0][2])
+
+    def _flush_failed(self, ids: list[bytes], why: str) -> None:
+        for b in ids:
+            self._unflushed.pop(b, None)
+        self.host.mark_clean(ids)  # stays in host memory, becomes evictable; never half-visible
+        self.stats.flush_failures += len(ids)
+        self.stats.recent_errors.append((time.time(), "flush", why))
+        log_save.warning("%d blocks not written to SSD (%s): %s", len(ids), self.ssd.dir, why)
+
+    def _write_one(self, bid: bytes, sslot: int):
+        """Copy one host page to an SSD slot; its checksum, or a string saying why not."""
+        pinned = self.host.pin(bid)
+        if pinned is None:
+            return "evicted from host memory before the flush"
+        hslot, _, version = pinned
+        try:
+            view = memoryview(self.host.slots.page(hslot).numpy())
+            self.ssd.slots.write(sslot, view)
+            checksum = page_checksum(view[:self.page_size])
+            if not self.host.still_valid(hslot, version):
+                return "host page reused during the flush"
+            return checksum
+        except OSError as e:
+            return f"{e.strerror or e}"
+        finally:
+            self.host.unpin(hslot)
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Block until every committed block queued for SSD has been written (or failed)."""
+        if self.ssd is None:
+            return
+        if self.config.write_policy == "write_back" and self._unflushed:
+            self._flush_q.put(list(self._unflushed))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._flush_q.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("flush to SSD did not finish in time")
+            time.sleep(0.002)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def usage(self) -> dict:
+        """Blocks and bytes per tier (live view, all processes)."""
+        out = {}
+        for tier in (self.host, self.ssd):
+            if tier is None:
+                continue
+            tier.refresh()
+            out[tier.name] = {"blocks": len(tier.index.entries), "bytes": tier.used_bytes(),
+                              "capacity": tier.num_slots * tier.slot_size, "path": tier.dir}
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._flusher is not None:
+            self.flush()
+            self._flush_q.put(None)
+            self._flusher.join()
+        self._io.shutdown(wait=True)
+        with self._lock:
+            self.host.release(list(self._pending.values()))
+            self._pending.clear()
+        self.host.close()
+        if self.ssd is not None:
+            self.ssd.close()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"TieredStore(page_size={self.page_size}, host={self.host.dir}, ssd={self.storage_path})"
