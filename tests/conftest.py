@@ -6,6 +6,14 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+try:  # without a GPU, Triton kernels run in the interpreter (must be set before triton.jit runs)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
 
 @pytest.fixture(scope="session")
 def procs():

@@ -184,41 +184,59 @@ class TieredStore:
     # ---- dump / commit --------------------------------------------------------------------------
     def dump(self, ids: Sequence[bytes], offset: int, src: torch.Tensor) -> Task:
         ids = list(ids)
-        task = Task("dump", ids)
         if not ids:
-            return task
+            return Task("dump", ids)
         rows = byte_rows(src, len(ids), "dump source")
         nbytes = rows.shape[1]
         if offset < 0 or offset + nbytes > self.page_size:
             raise ValueError(f"dump of {nbytes} B at offset {offset} exceeds the page size {self.page_size} B")
+
+        def fill(pages: torch.Tensor, slots: list[int], which: list[int]) -> None:
+            self._copy_into_pages(rows, which, slots, offset)
+        task = self.dump_into(ids, fill, cuda=rows.is_cuda)
+        task.nbytes = nbytes
+        self.stats.dump_bytes += nbytes * (len(ids) - len(task.errors))
+        return task
+
+    def dump_into(self, ids: Sequence[bytes], fill, cuda: bool = False) -> Task:
+        """Zero-copy dump: reserve host pages for the ids not stored yet and call
+        `fill(pages, slots, which)`, which must write block ids[which[k]] into pages[slots[k]]
+        (pages: the host tier's [num_slots, slot_size] uint8 tensor; a kernel may write it through
+        UVA). `cuda`: fill enqueued GPU work; wait() synchronizes it. Then `commit(ids)` as usual."""
+        ids = list(ids)
+        task = Task("dump", ids)
+        if not ids:
+            return task
         with self._lock:
             self.host.refresh()
             fresh: list[bytes] = []
+            seen = set()
             for bid in ids:
-                if bid in self._pending or bid in fresh or bid in self.host or (self.ssd and bid in self.ssd):
+                if bid in self._pending or bid in seen or bid in self.host or (self.ssd and bid in self.ssd):
                     continue
+                seen.add(bid)
                 fresh.append(bid)
             slots = self.host.reserve(len(fresh)) if fresh else []
-            for bid, slot in zip(fresh, slots):
-                self._pending[bid] = slot
-            targets = [self._pending.get(bid) for bid in ids]
-        dropped = set(fresh[len(slots):])
+            placed = dict(zip(fresh, slots))
+            self._pending.update(placed)
+        dropped = fresh[len(slots):]
         if dropped:
             self.stats.dump_failures += len(dropped)
             log_save.warning("host tier full of blocks not yet flushed: %d of %d blocks not saved",
                              len(dropped), len(fresh))
-        copy_rows, copy_slots = [], []
-        for i, (bid, slot) in enumerate(zip(ids, targets)):
-            if bid in dropped:
+        dropped_set = set(dropped)
+        which, where = [], []
+        for i, bid in enumerate(ids):
+            if bid in dropped_set:
                 task.fail(i, "host tier full (every page holds a block not yet flushed to SSD)")
-            elif slot is not None:
-                copy_rows.append(i)
-                copy_slots.append(slot)
-        self._copy_into_pages(rows, copy_rows, copy_slots, offset)
-        if rows.is_cuda:
+            elif bid in placed:
+                which.append(i)
+                where.append(placed.pop(bid))
+        if which:
+            fill(self.host.slots.tensor, where, which)
+        if cuda:
             task._event = torch.cuda.Event()
             task._event.record()
-        self.stats.dump_bytes += nbytes * (len(ids) - len(dropped))
         return task
 
     def commit(self, ids: Sequence[bytes], success: bool | Iterable[bool] = True) -> None:
@@ -259,6 +277,44 @@ class TieredStore:
         nbytes = rows.shape[1]
         if offset < 0 or offset + nbytes > self.page_size:
             raise ValueError(f"load of {nbytes} B at offset {offset} exceeds the page size {self.page_size} B")
+        hit_rows, hit_slots = self._pin_or_promote(ids, task, offset, rows)
+        self._copy_from_pages(rows, hit_rows, hit_slots, offset)
+        if rows.is_cuda:
+            task._event = torch.cuda.Event()
+            task._event.record()
+        task.nbytes = nbytes
+        return task
+
+    def load_into(self, ids: Sequence[bytes], fill, cuda: bool = False) -> Task:
+        """Zero-copy load: bring the blocks into host memory (promoting SSD hits; this waits for the
+        disk), pin them, and call `fill(pages, slots, which)`, which must read block ids[which[k]] from
+        pages[slots[k]]. Blocks that cannot be served are in task.errors after wait(); `which` omits them."""
+        ids = list(ids)
+        task = Task("load", ids)
+        if not ids:
+            return task
+        hit_rows, hit_slots = self._pin_or_promote(ids, task, None, None)
+        for i, bid, fut, _, _ in task._deferred:
+            where = fut.result()[bid]
+            if isinstance(where, Exception) or where[0] != "host":
+                task.fail(i, str(where) if isinstance(where, Exception) else "no room in host memory to stage it")
+                continue
+            _, slot, version = where
+            hit_rows.append(i)
+            hit_slots.append(slot)
+            task._checks.append((self.host, slot, version, i))
+        task._deferred = []
+        if hit_rows:
+            order = sorted(range(len(hit_rows)), key=hit_rows.__getitem__)
+            fill(self.host.slots.tensor, [hit_slots[k] for k in order], [hit_rows[k] for k in order])
+        if cuda:
+            task._event = torch.cuda.Event()
+            task._event.record()
+        task.nbytes = self.page_size
+        return task
+
+    def _pin_or_promote(self, ids: list[bytes], task: Task, offset, rows):
+        """Pin host hits (returned as rows, slots); start promotions for SSD hits (task._deferred)."""
         self.host.refresh()
         hit_rows, hit_slots, misses = [], [], []
         for i, bid in enumerate(ids):
@@ -278,13 +334,8 @@ class TieredStore:
                 if fut is None:
                     task.fail(i, "not found in any tier")
                 else:
-                    task._deferred.append((i, ids[i], fut, offset, rows[i]))
-        self._copy_from_pages(rows, hit_rows, hit_slots, offset)
-        if rows.is_cuda:
-            task._event = torch.cuda.Event()
-            task._event.record()
-        task.nbytes = nbytes
-        return task
+                    task._deferred.append((i, ids[i], fut, offset, None if rows is None else rows[i]))
+        return hit_rows, hit_slots
 
     def _copy_into_pages(self, rows: torch.Tensor, which: list[int], slots: list[int], offset: int) -> None:
         """pages[slots[k], offset:+n] = rows[which[k]]; consecutive runs move in one copy."""

@@ -1,0 +1,46 @@
+"""Paged KV -> host tier pages -> SSD -> fresh host tier -> paged KV, with the zero-copy store hooks."""
+
+import pytest
+import torch
+
+from storekit import config
+from test_kernels import DEV, make_layout
+from ucm.hashing import HashSeed, RequestHasher
+from ucm.kernels import KVLayout
+from ucm.kernels.transfer import HostTransfer
+from ucm.tiers import TieredStore
+
+NB = 12
+
+
+@pytest.mark.parametrize("mode", ["staged", "direct"])
+@pytest.mark.parametrize("kind", ["cpu", "gpu"])
+def test_kv_blocks_survive_the_tiers(tmp_path, kind, mode):
+    kv = make_layout(kind, torch.bfloat16)
+    lay = KVLayout.from_tensors(kv, NB)
+    xfer = HostTransfer(lay, mode)
+    ids = RequestHasher(HashSeed("m", "bf16", kind, 16)).generate_block_hashes(list(range(16 * 5)))
+    blocks = [9, 2, 4, 11, 0]
+    with TieredStore(config(tmp_path, host="1MiB"), lay.page_size) as s:
+        t = s.dump_into(ids, lambda pages, slots, which: xfer.to_host([blocks[i] for i in which], pages, slots),
+                        cuda=DEV == "cuda")
+        assert s.wait(t) == 0
+        s.commit(ids)
+        s.flush()
+    kv2 = [torch.zeros_like(x) for x in kv]
+    if kind == "cpu":
+        big = torch.zeros((len(kv),) + tuple(kv[0].shape), dtype=kv[0].dtype, device=DEV)
+        kv2 = [big[i] for i in range(len(kv))]
+    lay2 = KVLayout.from_tensors(kv2, NB)
+    xfer2 = HostTransfer(lay2, mode)
+    targets = [1, 3, 5, 7, 8]
+    with TieredStore(config(tmp_path, host="1MiB", host_dir="fresh"), lay.page_size) as s:
+        assert s.where(ids) == ["ssd"] * 5
+        t = s.load_into(ids, lambda pages, slots, which: xfer2.from_host([targets[i] for i in which], pages, slots),
+                        cuda=DEV == "cuda")
+        assert s.wait(t) == 0
+    bdim = 1 if kind == "gpu" else 0
+    for a, b in zip(kv, kv2):
+        src = a.index_select(bdim, torch.tensor(blocks, device=DEV)).contiguous().view(torch.uint8)
+        dst = b.index_select(bdim, torch.tensor(targets, device=DEV)).contiguous().view(torch.uint8)
+        assert torch.equal(src, dst)

@@ -1,0 +1,88 @@
+"""HostTransfer: move blocks between vLLM's paged KV cache and host pages (the host tier's slots).
+
+Two designs for a GPU cache, chosen by `mode` (config key `gpu_transfer`):
+
+* `staged` (default): a pack kernel with a few programs gathers blocks into a GPU staging ring, then one
+  DMA copy per run of consecutive host slots moves them. The copy engine does the PCIe transfer, so a
+  matrix product running beside it keeps its SMs (bench/results/kernels.md: 1.05x vs 1.28x for direct).
+* `direct`: the kernel writes (reads) pinned host memory itself through UVA, with a persistent grid of
+  `programs` programs; no staging memory.
+
+For a CPU cache (vLLM's CPU backend) both are the vectorised torch path straight into the pages.
+All work is enqueued on the current stream; the caller records an event and synchronizes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ucm.kernels.copy_blocks import pack, unpack
+from ucm.kernels.layout import KVLayout
+
+MODES = ("staged", "direct")
+
+
+def _runs(values: Sequence[int]):
+    """(start index, length) of runs of consecutive values."""
+    k = 0
+    while k < len(values):
+        j = k + 1
+        while j < len(values) and values[j] == values[j - 1] + 1:
+            j += 1
+        yield k, j - k
+        k = j
+
+
+class HostTransfer:
+    def __init__(self, layout: KVLayout, mode: str = "staged", programs: int = 8, ring_bytes: int = 256 << 20):
+        if mode not in MODES:
+            raise ValueError(f"gpu_transfer must be one of {MODES}, got {mode!r}")
+        self.layout = layout
+        self.mode = mode
+        self.programs = programs
+        self.gpu = layout.device.type == "cuda"
+        self.ring = None
+        if self.gpu and mode == "staged":
+            pages = max(1, ring_bytes // layout.page_size)
+            self.ring = torch.empty((pages, layout.page_size), dtype=torch.uint8, device=layout.device)
+
+    def to_host(self, block_ids: Sequence[int], pages: torch.Tensor, slots: Sequence[int]) -> None:
+        """pages[slots[k]] <- KV block block_ids[k] (all layers)."""
+        self._move(block_ids, pages, slots, True)
+
+    def from_host(self, block_ids: Sequence[int], pages: torch.Tensor, slots: Sequence[int]) -> None:
+        """KV block block_ids[k] <- pages[slots[k]]."""
+        self._move(block_ids, pages, slots, False)
+
+    def _move(self, block_ids, pages, slots, to_host: bool) -> None:
+        if len(block_ids) == 0:
+            return
+        dev = self.layout.device
+        if not self.gpu or self.mode == "direct":
+            idx = torch.as_tensor(list(block_ids), dtype=torch.int64)
+            where = torch.as_tensor(list(slots), dtype=torch.int64)
+            if self.gpu:
+                idx, where = idx.to(dev, non_blocking=True), where.to(dev, non_blocking=True)
+            kw = {"num_programs": self.programs} if self.gpu else {}
+            (pack if to_host else unpack)(self.layout, idx, pages, where, **kw)
+            return
+        ring = self.ring
+        cap = ring.shape[0]
+        ids, slots = list(block_ids), list(slots)
+        size = self.layout.page_size
+        for c in range(0, len(ids), cap):
+            chunk_ids, chunk_slots = ids[c:c + cap], slots[c:c + cap]
+            idx = torch.tensor(chunk_ids, dtype=torch.int64).to(dev, non_blocking=True)
+            n = len(chunk_ids)
+            if to_host:
+                pack(self.layout, idx, ring[:n], num_programs=self.programs)
+            for k, length in _runs(chunk_slots):
+                host = pages[chunk_slots[k]:chunk_slots[k] + length, :size]
+                if to_host:
+                    host.copy_(ring[k:k + length], non_blocking=True)
+                else:
+                    ring[k:k + length].copy_(host, non_blocking=True)
+            if not to_host:
+                unpack(self.layout, idx, ring[:n], num_programs=self.programs)
