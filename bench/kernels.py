@@ -139,13 +139,12 @@ def main() -> None:
                 a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
                 b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
                 c = torch.empty_like(a)
-                s_mm, s_tr = torch.cuda.Stream(), torch.cuda.Stream()
+                s_mm, s_tr = torch.cuda.Stream(), torch.cuda.Stream(priority=-1)  # transfers: high priority
                 designs = {
-                    "direct, 4 programs": lambda: pack(lay, ids, host, backend="triton", num_programs=4, block_words=2048),
                     "direct, 8 programs": lambda: pack(lay, ids, host, backend="triton", num_programs=8, block_words=2048),
                     "direct, 132 programs": lambda: pack(lay, ids, host, backend="triton", num_programs=132, block_words=2048),
                     "staged (full-grid kernel + DMA)": staged_pack,
-                    "staged (8-program kernel + DMA, the default)": staged_pack8,
+                    "staged (8-program kernel + DMA)": staged_pack8,
                 }
                 mm_ms = bench(lambda: torch.matmul(a, b, out=c), reps=30)
                 for dname, fn in designs.items():
@@ -172,8 +171,13 @@ def main() -> None:
                             tr_only()
                         cur.wait_stream(s_mm)
                         cur.wait_stream(s_tr)
-                    t_mm, t_tr, t_both = bench(mm_only, 300), bench(tr_only, 300), bench(both, 300)
-                    overlap_rows.append((dname, t_mm, t_tr, t_both, t_both / max(t_mm, t_tr)))
+                    trip = []
+                    for _ in range(5):  # interleaved triplets: clocks drift between designs
+                        t_mm, t_tr, t_both = bench(mm_only, 150), bench(tr_only, 150), bench(both, 150)
+                        trip.append((t_both / max(t_mm, t_tr), t_mm, t_tr, t_both))
+                    trip.sort()
+                    r, t_mm, t_tr, t_both = trip[2]
+                    overlap_rows.append((dname, t_mm, t_tr, t_both, r))
                     print(overlap_rows[-1], flush=True)
         del kv
         torch.cuda.empty_cache()
@@ -207,6 +211,7 @@ def write_table(raw: dict) -> None:
                    + " / ".join(f"{r[f'direct_unpack_{p}']:.1f} ({100 * r[f'direct_unpack_{p}'] / h:.0f}%)" for p in (4, 8, 16))
                    + f" | {r['staged_unpack']:.1f} ({100 * r['staged_unpack'] / h:.0f}%) |")
     out += ["", "## Overlap with a bf16 8192^3 matrix product on another stream (Llama-3-8B shapes, 256 blocks, pack to host)", "",
+            "Transfers run on a high-priority stream; median of 5 interleaved (alone, alone, both) triplets.", "",
             "| design | matmul alone ms | transfers alone ms | both ms | both / longer |", "|---|---|---|---|---|"]
     for d, a, b, c, r in raw["overlap"]:
         out.append(f"| {d} | {a:.2f} | {b:.2f} | {c:.2f} | {r:.3f} |")

@@ -20,6 +20,7 @@ def test_embedded_default_loads():
     assert cfg.ssd.capacity == 64 << 30
     assert cfg.ssd.path.endswith("/ucm/kv") and "~" not in cfg.ssd.path and "$" not in cfg.ssd.path
     assert cfg.write_policy == "write_through"
+    assert cfg.transfer.gpu_mode == "staged" and cfg.transfer.direct_programs == 8
 
 
 def test_env_override_of_config_path(tmp_path, monkeypatch):
@@ -47,6 +48,7 @@ def test_sizes_with_units(text, sz):
     ("hots: {capacity: 1GiB}\n", "hots", "unknown key"),
     ("host: {capacity: 1GiB}\nwrite_policy: sometimes\n", "write_policy", "must be one of"),
     ("host: {capacity: 1GiB}\nio_threads: 0\n", "io_threads", "integer"),
+    ("host: {capacity: 1GiB}\ntransfer: {gpu_mode: teleport}\n", "transfer.gpu_mode", "must be one of"),
     ("host: {capacity: 1GiB}\nssd: {path: '${UCM_SURELY_UNSET_VAR}/kv', capacity: 1GiB}\n", "ssd.path", "not set"),
     ("host: {capacity: 1GiB}\nssd: {capacity: 1GiB}\n", "ssd.path", "missing"),
     ("ssd: {path: /tmp/x, capacity: 1GiB}\n", "host", "required"),

@@ -13,15 +13,30 @@ from ucm.tiers import TieredStore
 NB = 12
 
 
+@pytest.fixture
+def shm_dir():
+    """Host tiers on tmpfs, the only memory CUDA can pin."""
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="ucm-test-", dir="/dev/shm")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("host_on", ["tmpfs", "disk"])
 @pytest.mark.parametrize("mode", ["staged", "direct"])
 @pytest.mark.parametrize("kind", ["cpu", "gpu"])
-def test_kv_blocks_survive_the_tiers(tmp_path, kind, mode):
+def test_kv_blocks_survive_the_tiers(tmp_path, shm_dir, kind, mode, host_on):
     kv = make_layout(kind, torch.bfloat16)
     lay = KVLayout.from_tensors(kv, NB)
     xfer = HostTransfer(lay, mode)
     ids = RequestHasher(HashSeed("m", "bf16", kind, 16)).generate_block_hashes(list(range(16 * 5)))
     blocks = [9, 2, 4, 11, 0]
-    with TieredStore(config(tmp_path, host="1MiB"), lay.page_size) as s:
+    host_root = shm_dir if host_on == "tmpfs" else str(tmp_path)
+    cfg = config(tmp_path, host="1MiB")
+    cfg = cfg.replace(host=cfg.host.__class__(capacity=cfg.host.capacity, path=f"{host_root}/h1"))
+    with TieredStore(cfg, lay.page_size) as s:
         t = s.dump_into(ids, lambda pages, slots, which: xfer.to_host([blocks[i] for i in which], pages, slots),
                         cuda=DEV == "cuda")
         assert s.wait(t) == 0
@@ -34,7 +49,8 @@ def test_kv_blocks_survive_the_tiers(tmp_path, kind, mode):
     lay2 = KVLayout.from_tensors(kv2, NB)
     xfer2 = HostTransfer(lay2, mode)
     targets = [1, 3, 5, 7, 8]
-    with TieredStore(config(tmp_path, host="1MiB", host_dir="fresh"), lay.page_size) as s:
+    with TieredStore(cfg.replace(host=cfg.host.__class__(capacity=cfg.host.capacity, path=f"{host_root}/h2")),
+                     lay.page_size) as s:
         assert s.where(ids) == ["ssd"] * 5
         t = s.load_into(ids, lambda pages, slots, which: xfer2.from_host([targets[i] for i in which], pages, slots),
                         cuda=DEV == "cuda")

@@ -22,6 +22,7 @@ CONFIG_ENV = "UCM_CONFIG_FILE"
 EMBEDDED_CONFIG = Path(__file__).parent / "configs" / "ucm_config.yaml"  # ucm/configs -> ../configs
 
 WRITE_POLICIES = ("write_through", "write_back")
+GPU_TRANSFER_MODES = ("staged", "direct")
 
 
 class ConfigError(ValueError):
@@ -49,11 +50,20 @@ class SSDTierConfig:
 
 
 @dataclass(frozen=True)
+class TransferConfig:
+    """How blocks move between a GPU KV cache and host pages (see ucm/kernels/transfer.py)."""
+
+    gpu_mode: str = "staged"  # staged: kernel into a GPU ring + DMA; direct: kernel writes host memory (UVA)
+    direct_programs: int = 8  # persistent grid of the direct kernel (SMs it may occupy)
+
+
+@dataclass(frozen=True)
 class UCMConfig:
     host: HostTierConfig | None
     ssd: SSDTierConfig | None
     write_policy: str = "write_through"
     io_threads: int = 4
+    transfer: TransferConfig = TransferConfig()
     source: str = field(default="<defaults>", compare=False)
 
     def replace(self, **changes: Any) -> "UCMConfig":
@@ -122,7 +132,7 @@ def _mapping(value: Any, source: str, key: str) -> Mapping:
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     """Validate a parsed YAML mapping into a `UCMConfig`."""
     data = _mapping(data, source, "<top level>")
-    _check_keys(data, ("host", "ssd", "write_policy", "io_threads"), source, "")
+    _check_keys(data, ("host", "ssd", "write_policy", "io_threads", "transfer"), source, "")
     host = ssd = None
     if data.get("host") is not None:
         h = _mapping(data["host"], source, "host")
@@ -159,7 +169,19 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     threads = data.get("io_threads", 4)
     if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
         raise ConfigError(source, "io_threads", threads, "must be an integer from 1 to 256")
-    return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, source=source)
+    transfer = TransferConfig()
+    if data.get("transfer") is not None:
+        t = _mapping(data["transfer"], source, "transfer")
+        _check_keys(t, ("gpu_mode", "direct_programs"), source, "transfer.")
+        mode = t.get("gpu_mode", "staged")
+        if mode not in GPU_TRANSFER_MODES:
+            raise ConfigError(source, "transfer.gpu_mode", mode, f"must be one of {', '.join(GPU_TRANSFER_MODES)}")
+        progs = t.get("direct_programs", 8)
+        if isinstance(progs, bool) or not isinstance(progs, int) or not 1 <= progs <= 1024:
+            raise ConfigError(source, "transfer.direct_programs", progs, "must be an integer from 1 to 1024")
+        transfer = TransferConfig(mode, progs)
+    return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
+                     source=source)
 
 
 def load_config(path: str | os.PathLike | None = None) -> UCMConfig:

@@ -103,16 +103,19 @@ class _Plan:
         self.max_words = max(self.words)
 
 
-_PLANS: dict = {}
-
-
 def _plan(layout: KVLayout, pages: torch.Tensor, pack: bool) -> _Plan:
-    key = (id(layout), pages.data_ptr(), pages.stride(0), pack)
-    p = _PLANS.get(key)
+    """Tables cached on the layout itself (never by id(): a freed layout's id and a re-mapped page
+    buffer's address can both come back, and stale addresses would copy garbage)."""
+    plans = layout.__dict__.get("_plans")
+    if plans is None:
+        plans = {}
+        object.__setattr__(layout, "_plans", plans)
+    key = (pages.data_ptr(), pages.stride(0), pack)
+    p = plans.get(key)
     if p is None:
-        if len(_PLANS) > 64:
-            _PLANS.clear()
-        p = _PLANS[key] = _Plan(layout, pages, pack)
+        if len(plans) > 16:
+            plans.clear()
+        p = plans[key] = _Plan(layout, pages, pack)
     return p
 
 

@@ -2,9 +2,10 @@
 
 Two designs for a GPU cache, chosen by `mode` (config key `gpu_transfer`):
 
-* `staged` (default): a pack kernel with a few programs gathers blocks into a GPU staging ring, then one
-  DMA copy per run of consecutive host slots moves them. The copy engine does the PCIe transfer, so a
-  matrix product running beside it keeps its SMs (bench/results/kernels.md: 1.05x vs 1.28x for direct).
+* `staged` (default): a full-grid pack kernel gathers blocks into a GPU staging ring in a fraction of a
+  millisecond, then one DMA copy per run of consecutive host slots moves them. The copy engine does the
+  PCIe transfer, so a matrix product running beside it keeps its SMs (bench/results/kernels.md: 1.05x
+  the longer of the two, against 1.28-1.32x for direct with 4-8 programs).
 * `direct`: the kernel writes (reads) pinned host memory itself through UVA, with a persistent grid of
   `programs` programs; no staging memory.
 
@@ -37,6 +38,7 @@ def _runs(values: Sequence[int]):
 
 class HostTransfer:
     def __init__(self, layout: KVLayout, mode: str = "staged", programs: int = 8, ring_bytes: int = 256 << 20):
+        """`programs`: persistent grid of the direct kernel; `ring_bytes`: GPU staging for `staged`."""
         if mode not in MODES:
             raise ValueError(f"gpu_transfer must be one of {MODES}, got {mode!r}")
         self.layout = layout
@@ -60,7 +62,12 @@ class HostTransfer:
         if len(block_ids) == 0:
             return
         dev = self.layout.device
-        if not self.gpu or self.mode == "direct":
+        direct = self.mode == "direct" and (not self.gpu or pages.is_pinned())
+        if self.gpu and self.mode == "direct" and not direct and self.ring is None:
+            # the kernel cannot reach unpinned host memory: stage through the GPU instead
+            self.ring = torch.empty((max(1, (256 << 20) // self.layout.page_size), self.layout.page_size),
+                                    dtype=torch.uint8, device=dev)
+        if not self.gpu or direct:
             idx = torch.as_tensor(list(block_ids), dtype=torch.int64)
             where = torch.as_tensor(list(slots), dtype=torch.int64)
             if self.gpu:
@@ -77,7 +84,7 @@ class HostTransfer:
             idx = torch.tensor(chunk_ids, dtype=torch.int64).to(dev, non_blocking=True)
             n = len(chunk_ids)
             if to_host:
-                pack(self.layout, idx, ring[:n], num_programs=self.programs)
+                pack(self.layout, idx, ring[:n])
             for k, length in _runs(chunk_slots):
                 host = pages[chunk_slots[k]:chunk_slots[k] + length, :size]
                 if to_host:
@@ -85,4 +92,4 @@ class HostTransfer:
                 else:
                     ring[k:k + length].copy_(host, non_blocking=True)
             if not to_host:
-                unpack(self.layout, idx, ring[:n], num_programs=self.programs)
+                unpack(self.layout, idx, ring[:n])

@@ -45,6 +45,22 @@ class TierError(OSError):
     pass
 
 
+def filesystem_type(path: str) -> str:
+    """Type of the filesystem holding `path` (longest matching mount point in /proc/mounts)."""
+    best, fstype = "", "unknown"
+    real = os.path.realpath(path)
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and (real == parts[1] or real.startswith(parts[1].rstrip("/") + "/")):
+                    if len(parts[1]) > len(best):
+                        best, fstype = parts[1], parts[2]
+    except OSError:
+        pass
+    return fstype
+
+
 class MemorySlots:
     """Slots in one shared-memory file mapped into this process."""
 
@@ -64,13 +80,22 @@ class MemorySlots:
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: mmap keeps a dup of fd, which would keep the lock
             os.close(fd)
+        try:
+            self._mm.madvise(mmap.MADV_HUGEPAGE)  # fewer page-table entries for DMA (best effort)
+        except (AttributeError, OSError):
+            pass
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8).view(num_slots, slot_size)
         self.pinned = False
         if torch.cuda.is_available():
-            rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0)
-            self.pinned = int(rc) == 0
-            if not self.pinned:
-                log.warning("cudaHostRegister of the host tier failed (%s); GPU copies will be slower", rc)
+            fs = filesystem_type(self.path)
+            if fs not in ("tmpfs", "hugetlbfs"):
+                log.warning("host tier %s is on %s, which CUDA cannot pin; put host.path on tmpfs (e.g. /dev/shm) "
+                            "for direct GPU transfers (staged copies are used instead)", self.path, fs)
+            else:
+                rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0)
+                self.pinned = int(rc) == 0
+                if not self.pinned:
+                    log.warning("cudaHostRegister of the host tier failed (%s); GPU copies will be slower", rc)
 
     def page(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
