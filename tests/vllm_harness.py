@@ -1,0 +1,90 @@
+"""Helpers for end-to-end tests: run vLLM in a fresh process, build real-text prompts, compare outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BLOCK = 32
+EXT = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
+
+
+def model_path() -> str:
+    from ucm.integration.vllm.model_export import ensure_model
+
+    return ensure_model()
+
+
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+def real_text() -> str:
+    """Long real English text that ships with Python: its license, then stdlib module documentation."""
+    import importlib
+    import sysconfig
+
+    parts = []
+    lic = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
+    if os.path.exists(lic):
+        parts.append(open(lic).read())
+    for mod in ("argparse", "subprocess", "asyncio", "unittest", "logging", "decimal", "pickle", "email"):
+        parts.append(importlib.import_module(mod).__doc__ or "")
+    return "\n\n".join(parts)
+
+
+def prompt_tokens(n: int, offset: int = 0) -> list[int]:
+    """n real-text token ids starting at token `offset` of the text."""
+    ids = tokenizer()(real_text())["input_ids"]
+    assert len(ids) >= offset + n, f"text too short: {len(ids)} tokens"
+    return ids[offset:offset + n]
+
+
+def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", module_path: bool = False,
+                  name: str = "UCMConnector", **extra) -> dict:
+    cfg = {"host": {"capacity": host, "path": os.path.join(root, "host")}}
+    if ssd:
+        cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd}
+    cfg.update(extra)
+    c = {"kv_connector": name, "extra": cfg}
+    if module_path:
+        c["kv_connector_module_path"] = "ucm.integration.vllm.ucm_connector"
+    return c
+
+
+def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=False, dtype="bfloat16",
+             max_tokens=8, max_num_batched_tokens=None, env=None, timeout=600) -> dict:
+    spec = {"model": model_path(), "connector": connector, "prefix_caching": prefix_caching, "dtype": dtype,
+            "block_size": BLOCK, "max_tokens": max_tokens, "max_num_batched_tokens": max_num_batched_tokens,
+            "phases": phases}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    e = dict(os.environ)
+    e.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0",
+              "VLLM_CPU_OMP_THREADS_BIND": "0",  # the same threads with and without a connector
+              "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
+    e.update(env or {})
+    p = subprocess.run([sys.executable, os.path.join(HERE, "vllm_runner.py"), f.name], capture_output=True,
+                       text=True, timeout=timeout, env=e)
+    os.unlink(f.name)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("UCM-RESULT ")), None)
+    if line is None:
+        raise AssertionError(f"vLLM run failed (rc {p.returncode}):\n{p.stderr[-6000:]}")
+    out = json.loads(line[len("UCM-RESULT "):])
+    out["log"] = p.stderr
+    return out
+
+
+def assert_identical(got: list[dict], ref: list[dict], tol: float = 1e-5) -> None:
+    """Greedy tokens equal and chosen-token logprobs within tol (DESIGN.md's exact test)."""
+    assert len(got) == len(ref)
+    for i, (g, r) in enumerate(zip(got, ref)):
+        assert g["tokens"] == r["tokens"], f"request {i}: tokens differ: {g['tokens']} vs {r['tokens']}"
+        worst = max(abs(a - b) for a, b in zip(g["logprobs"], r["logprobs"]))
+        assert worst <= tol, f"request {i}: logprobs differ by {worst:.2e} (> {tol})"

@@ -1,0 +1,67 @@
+"""Run the real vLLM (CPU build) on the real small model in this process; print one JSON result line.
+
+Usage: python vllm_runner.py SPEC.json   (SPEC written by vllm_harness.run_vllm)
+
+SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?, "extra"},
+       "prefix_caching": bool, "dtype", "block_size", "max_tokens", "max_num_batched_tokens"?,
+       "phases": [[prompt token ids, ...], ...]}   each phase is one llm.generate call (one batch)
+Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens"}, ...], ...],
+         "metrics": {name{labels}: value}, "phase_metrics": [...per phase external tokens...]}
+"""
+
+import json
+import os
+import sys
+
+
+def _metric_values(llm) -> dict:
+    out = {}
+    for m in llm.get_metrics():
+        if not hasattr(m, "value"):
+            continue
+        labels = ",".join(f"{k}={v}" for k, v in sorted(m.labels.items()) if k in ("source",))
+        out[f"{m.name}{{{labels}}}" if labels else m.name] = m.value
+    return out
+
+
+def main() -> None:
+    spec = json.load(open(sys.argv[1]))
+    from vllm import LLM, SamplingParams
+    from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
+
+    kw = dict(model=spec["model"], enforce_eager=True, dtype=spec.get("dtype", "bfloat16"),
+              kv_cache_memory_bytes=spec.get("kv_cache_bytes", 256 << 20), max_model_len=spec.get("max_model_len", 4096),
+              block_size=spec.get("block_size", 32), enable_prefix_caching=spec["prefix_caching"],
+              disable_log_stats=False, seed=0)
+    if spec.get("max_num_batched_tokens"):
+        kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
+        kw["enable_chunked_prefill"] = True
+    c = spec.get("connector")
+    if c:
+        kw["kv_transfer_config"] = KVTransferConfig(kv_connector=c["kv_connector"], kv_role="kv_both",
+                                                    kv_connector_module_path=c.get("kv_connector_module_path"),
+                                                    kv_connector_extra_config=c.get("extra") or {})
+    llm = LLM(**kw)
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=1,
+                            ignore_eos=True)
+    phases, phase_metrics = [], []
+    for phase in spec["phases"]:
+        before = _metric_values(llm)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in phase], params, use_tqdm=False)
+        res = []
+        for o in outs:
+            comp = o.outputs[0]
+            lps = [float(d[t].logprob) for t, d in zip(comp.token_ids, comp.logprobs)]
+            res.append({"tokens": list(comp.token_ids), "logprobs": lps, "num_cached_tokens": o.num_cached_tokens})
+        phases.append(res)
+        after = _metric_values(llm)
+        phase_metrics.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
+    print("UCM-RESULT " + json.dumps({"phases": phases, "phase_metrics": phase_metrics,
+                                     "metrics": _metric_values(llm)}), flush=True)
+    del llm
+    os._exit(0)  # vLLM's background threads can delay a clean exit; results are printed
+
+
+if __name__ == "__main__":
+    main()
