@@ -317,6 +317,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
         for req_id, computed_after in steps:
             st = self._reqs[req_id]
             rm = RequestMeta(req_id)
+            log.debug("step: req %s computes up to token %d (%d scheduled)", req_id, computed_after, sched.get(req_id, 0))
             if st.load is not None:
                 rm.load_block_ids, st.load = st.load, None
             full = min(computed_after, st.request.num_tokens) // self.block_size

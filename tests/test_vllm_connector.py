@@ -1,0 +1,170 @@
+"""UCMConnector end to end: the real vLLM CPU build, the real SmolLM2-135M model.
+
+"Identical" is DESIGN.md's exact test: greedy tokens equal and chosen-token logprobs within 1e-5 of
+vLLM's own prefix-cache reuse at the same split (bf16), or of the no-cache baseline (float32).
+"""
+
+import functools
+import os
+import shutil
+import struct
+
+import pytest
+
+from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
+
+pytestmark = pytest.mark.vllm
+DISK = "vllm:prompt_tokens_cached_by_source{source=disk}"
+HOST = "vllm:prompt_tokens_cached_by_source{source=host}"
+
+A = prompt_tokens(300, 1000)  # 9 full blocks of 32 + 12 tokens
+B = A[:160] + prompt_tokens(140, 2000)  # shares exactly 5 full blocks with A
+C = A + prompt_tokens(100, 2500)  # A extended: shares A's 9 full blocks
+A_BLOCKS = 300 // BLOCK
+
+
+@functools.lru_cache(maxsize=None)
+def reference(mp: bool) -> dict:
+    """vLLM's own prefix cache, no connector, in the same process mode (the two modes differ in
+    rounding): phase 1 reuses A's 9 blocks, phase 2 reuses 5 (B), phase 3 reuses 9 (C)."""
+    r = run_vllm([[A], [A], [B], [C]], prefix_caching=True, multiprocessing=mp)
+    assert r["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == A_BLOCKS * BLOCK
+    return r
+
+
+@pytest.fixture(scope="module")
+def ref():
+    return reference(False)
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["single-process", "multiprocessing"])
+def stored_a(request, tmp_path_factory):
+    """A store holding prompt A, written by a cold run in its own process."""
+    mp = request.param
+    root = str(tmp_path_factory.mktemp("mp" if mp else "sp"))
+    # single-process mode names the module path; multiprocessing relies on the plugin registration alone
+    cold = run_vllm([[A]], connector=ucm_connector(root, module_path=not mp), multiprocessing=mp)
+    assert cold["phase_metrics"][0].get(EXT, 0) == 0, "a cold store has nothing to hit"
+    return root, mp, cold
+
+
+def warm_connector(root, tag, mp, **kw):
+    """Same SSD, a new host tier: every hit must come from the SSD."""
+    c = ucm_connector(root, module_path=not mp, **kw)
+    c["extra"]["host"]["path"] = os.path.join(root, f"host-{tag}")
+    return c
+
+
+def test_cold_then_warm_in_a_fresh_process_is_identical(stored_a):
+    root, mp, cold = stored_a
+    ref = reference(mp)
+    assert cold["phases"][0][0]["tokens"] == ref["phases"][0][0]["tokens"], "the connector changed a cold run"
+    warm = run_vllm([[A]], connector=warm_connector(root, "warm", mp), multiprocessing=mp)
+    m = warm["phase_metrics"][0]
+    assert m.get(EXT) == A_BLOCKS * BLOCK, f"vLLM counted {m.get(EXT)} external tokens"
+    assert m.get(DISK) == A_BLOCKS * BLOCK, "the hits must come from the SSD tier"
+    assert warm["phases"][0][0]["num_cached_tokens"] == A_BLOCKS * BLOCK
+    assert_identical(warm["phases"][0], ref["phases"][1])
+
+
+def test_partial_prefix_and_extended_prompt(stored_a):
+    root, mp, _ = stored_a
+    ref = reference(mp)
+    r = run_vllm([[B], [C]], connector=warm_connector(root, "partial", mp), multiprocessing=mp)
+    assert r["phase_metrics"][0].get(EXT) == 5 * BLOCK, "B shares 5 full blocks with A"
+    assert r["phase_metrics"][1].get(EXT) == A_BLOCKS * BLOCK, "C extends A: all of A's full blocks hit"
+    assert_identical(r["phases"][0], ref["phases"][2])
+    assert_identical(r["phases"][1], ref["phases"][3])
+
+
+def test_host_tier_only_hits_within_one_process(ref, tmp_path):
+    r = run_vllm([[A], [A]], connector=ucm_connector(str(tmp_path), ssd=None))
+    assert r["phase_metrics"][0].get(EXT, 0) == 0
+    assert r["phase_metrics"][1].get(EXT) == A_BLOCKS * BLOCK
+    assert r["phase_metrics"][1].get(HOST) == A_BLOCKS * BLOCK
+    assert_identical(r["phases"][1], ref["phases"][1])
+
+
+def test_chunked_prefill_and_batched_requests(tmp_path):
+    """Prefill in chunks of 64 tokens (smaller than every prompt), three requests in one batch."""
+    chunk = 64
+    ref = run_vllm([[A], [A, C, B]], prefix_caching=True, max_num_batched_tokens=chunk)
+    root = str(tmp_path)
+    run_vllm([[A]], connector=ucm_connector(root), max_num_batched_tokens=chunk)
+    c = ucm_connector(root)
+    c["extra"]["host"]["path"] = os.path.join(root, "host-b")
+    r = run_vllm([[A, C, B]], connector=c, max_num_batched_tokens=chunk)
+    assert r["phase_metrics"][0].get(EXT) == (A_BLOCKS + A_BLOCKS + 5) * BLOCK
+    assert_identical(r["phases"][0], ref["phases"][1])
+
+
+def _slots_in_put_order(ssd_root):
+    """Slots of the SSD tier's committed blocks, in the order they were published."""
+    sub = next(d for d in os.listdir(ssd_root) if d.startswith("p"))
+    data = open(os.path.join(ssd_root, sub, "index.log"), "rb").read()
+    slots = [struct.unpack_from("<BBHI", data, k)[3] for k in range(0, len(data), 64) if data[k] == 2]
+    return os.path.join(ssd_root, sub), slots
+
+
+def _slot_place(tier_dir, slot):
+    page = int(os.path.basename(tier_dir)[1:])
+    slot_size = (page + 4095) // 4096 * 4096
+    per_slab = max(1, (1 << 30) // slot_size)
+    return os.path.join(tier_dir, f"slab_{slot // per_slab:05d}.bin"), (slot % per_slab) * slot_size
+
+
+@pytest.fixture(scope="module")
+def ref_split4():
+    """vLLM's prefix cache reusing exactly A's first 4 blocks, computed (like the stored ones) by a
+    300-token prefill: on the CPU backend a block's bytes depend on the length of the prefill that
+    computed it, so the reference must reuse blocks computed the same way."""
+    x = A[:4 * BLOCK] + prompt_tokens(len(A) - 4 * BLOCK, 2000)
+    r = run_vllm([[x], [A]], prefix_caching=True)
+    assert r["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == 4 * BLOCK
+    return r
+
+
+@pytest.mark.parametrize("damage", ["flip-first-block", "truncate-at-block-4"])
+def test_corrupted_store_reports_load_errors_and_recomputes(ref, ref_split4, stored_a, tmp_path, damage):
+    root, mp, _ = stored_a
+    if mp:
+        pytest.skip("corruption is checked in single-process mode")
+    work = str(tmp_path)
+    shutil.copytree(os.path.join(root, "ssd"), os.path.join(work, "ssd"))
+    tier, slots = _slots_in_put_order(os.path.join(work, "ssd"))
+    assert len(slots) >= A_BLOCKS
+    if damage == "flip-first-block":
+        path, off = _slot_place(tier, slots[0])
+        with open(path, "r+b") as f:
+            f.seek(off + 1000)
+            b = f.read(1)
+            f.seek(off + 1000)
+            f.write(bytes([b[0] ^ 0xFF]))
+        expected = ref["phases"][0]  # nothing survives: the no-cache result
+    else:
+        path, off = _slot_place(tier, slots[4])
+        os.truncate(path, off + 512)
+        expected = ref_split4["phases"][1]  # blocks 0-3 survive: vLLM recomputes from block 4
+    r = run_vllm([[A]], connector=ucm_connector(work))
+    assert "failed to load" in r["log"], "the load error must be logged"
+    assert_identical(r["phases"][0], expected)
+
+
+def test_working_set_larger_than_the_tiers(tmp_path):
+    """float32: outputs match the no-cache baseline while blocks are evicted from both tiers.
+
+    The host tier holds 4 blocks (a request has 9: the rest of its saves are refused while the host
+    tier is full of blocks not yet on SSD), the SSD 12; four prompts, then the same four in reverse
+    order: the most recent ones hit, the oldest were evicted."""
+    prompts = [prompt_tokens(300, 200 + 400 * k) for k in range(4)]
+    base = run_vllm([[p] for p in prompts], dtype="float32")
+    page = 30 * 2 * BLOCK * 3 * 64 * 4  # SmolLM2, float32: bytes per block
+    c = ucm_connector(str(tmp_path), host=f"{4 * page}B", ssd=f"{12 * page}B")
+    order = [0, 1, 2, 3, 3, 2, 1, 0]
+    r = run_vllm([[prompts[k]] for k in order], connector=c, dtype="float32")
+    ext = [m.get(EXT, 0) for m in r["phase_metrics"]]
+    assert sum(ext[:4]) == 0, f"external tokens per phase: {ext}"
+    assert ext[4] > 0, f"the most recent prompt must hit: {ext}"
+    assert ext[7] == 0, f"the oldest prompt must have been evicted: {ext}"
+    for k, phase in zip(order, r["phases"]):
+        assert_identical(phase, base["phases"][k], tol=1e-4)
