@@ -26,17 +26,9 @@ def tokenizer():
 
 
 def real_text() -> str:
-    """Long real English text that ships with Python: its license, then stdlib module documentation."""
-    import importlib
-    import sysconfig
+    from ucm.integration.vllm.demo import real_text as text
 
-    parts = []
-    lic = os.path.join(sysconfig.get_paths()["stdlib"], "LICENSE.txt")
-    if os.path.exists(lic):
-        parts.append(open(lic).read())
-    for mod in ("argparse", "subprocess", "asyncio", "unittest", "logging", "decimal", "pickle", "email"):
-        parts.append(importlib.import_module(mod).__doc__ or "")
-    return "\n\n".join(parts)
+    return text()
 
 
 def prompt_tokens(n: int, offset: int = 0) -> list[int]:

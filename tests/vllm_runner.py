@@ -59,7 +59,10 @@ def main() -> None:
         phase_metrics.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
     print("UCM-RESULT " + json.dumps({"phases": phases, "phase_metrics": phase_metrics,
                                      "metrics": _metric_values(llm)}), flush=True)
-    llm.llm_engine.engine_core.shutdown()  # runs the connectors' shutdown (flushes pending saves)
+    llm.llm_engine.engine_core.shutdown()
+    from ucm.tiers.store import close_shared
+
+    close_shared()  # os._exit skips atexit: close the store (drops the host tier if this was its last user)
     os._exit(0)  # vLLM's background threads can delay a clean exit; results are printed
 
 

@@ -54,12 +54,12 @@ def _stats(args: argparse.Namespace) -> int:
     from ucm.tiers.store import _default_host_path
 
     cfg = load_config(args.config)
-    roots = [("host", _default_host_path(cfg) if cfg.host.path == "auto" else cfg.host.path)]
+    roots = [("host", _default_host_path(cfg) if cfg.host.path == "auto" else cfg.host.path, cfg.host.capacity)]
     if cfg.ssd:
-        roots.append(("ssd", cfg.ssd.path))
+        roots.append(("ssd", cfg.ssd.path, cfg.ssd.capacity))
     from ucm.tiers.index import SlotIndex
 
-    for name, root in roots:
+    for name, root, capacity in roots:
         if not os.path.isdir(root):
             print(f"{name}: {root} (empty: directory does not exist)")
             continue
@@ -69,7 +69,7 @@ def _stats(args: argparse.Namespace) -> int:
                 continue
             page = int(sub[1:])
             slot = (page + 4095) // 4096 * 4096
-            idx = SlotIndex(d, 1 << 31)
+            idx = SlotIndex(d, max(1, capacity // slot))
             print(f"{name}: {d}: {len(idx.entries)} blocks of {page} B ({len(idx.entries) * slot / 2**20:.1f} MiB), "
                   f"{len(idx.dirty)} not yet flushed, {len(idx.reserved)} slots being written")
             idx.close()
@@ -80,11 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="ucm", description="tiered KV cache for vLLM")
     ap.add_argument("--config", help="YAML file (default: $UCM_CONFIG_FILE or the embedded default)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("demo", help="run the main demo")
+    demo = sub.add_parser("demo", help="vLLM + the real small model, cold then warm in two processes")
+    demo.add_argument("--tokens", type=int, default=2000)
+    demo.add_argument("--prompts", type=int, default=2)
     sub.add_parser("store-demo", help="dump, flush and reload blocks through the tiers (no vLLM)")
     sub.add_parser("stats", help="blocks and bytes per tier")
     args = ap.parse_args(argv)
-    if args.cmd in ("demo", "store-demo"):
+    if args.cmd == "demo":
+        from ucm.integration.vllm.demo import main as demo_main
+
+        return demo_main(["--tokens", str(args.tokens), "--prompts", str(args.prompts)])
+    if args.cmd == "store-demo":
         return _store_demo(args)
     if args.cmd == "stats":
         return _stats(args)

@@ -625,3 +625,12 @@ def shared_store(config: UCMConfig, page_size: int) -> TieredStore:
             store = _SHARED[key] = TieredStore(config, page_size)
             atexit.register(store.close)
         return store
+
+
+def close_shared() -> None:
+    """Close every shared store of this process (for processes that leave through os._exit)."""
+    with _SHARED_LOCK:
+        stores = list(_SHARED.values())
+        _SHARED.clear()
+    for store in stores:
+        store.close()
