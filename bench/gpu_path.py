@@ -23,13 +23,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import write_results  # noqa: E402
 from ucm.config import from_dict  # noqa: E402
 from ucm.hashing import HashSeed, RequestHasher  # noqa: E402
 from ucm.kernels import KVLayout  # noqa: E402
 from ucm.kernels.transfer import HostTransfer  # noqa: E402
 from ucm.tiers import TieredStore  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_path.md")
 
 
 def timed(fn) -> float:
@@ -139,11 +139,7 @@ def main() -> None:
            "| stage | time s | GB/s | ceiling | ceiling GB/s | % of ceiling |", "|---|---|---|---|---|---|"]
     for name, t, c, cname in rows:
         out.append(f"| {name} | {t:.3f} | {nbytes / t / 1e9:.2f} | {cname} | {nbytes / c / 1e9:.2f} | {100 * c / t:.0f}% |")
-    text = "\n".join(out) + "\n"
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(text)
+    write_results("gpu_path.md", out)
 
 
 if __name__ == "__main__":

@@ -25,9 +25,9 @@ import torch
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from common import write_results  # noqa: E402
 from ucm.kernels import KVLayout, pack, unpack  # noqa: E402
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "kernels.md")
 SHAPES = {
     # name: (layers, per-layer tensor shape given num_blocks, dtype)
     "Llama-3-8B (32 L, 8 KV heads, hd 128, block 16, bf16)": (32, lambda nb: (2, nb, 16, 8, 128), torch.bfloat16),
@@ -215,11 +215,7 @@ def write_table(raw: dict) -> None:
             "| design | matmul alone ms | transfers alone ms | both ms | both / longer |", "|---|---|---|---|---|"]
     for d, a, b, c, r in raw["overlap"]:
         out.append(f"| {d} | {a:.2f} | {b:.2f} | {c:.2f} | {r:.3f} |")
-    text = "\n".join(out) + "\n"
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(text)
+    write_results("kernels.md", out)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,11 @@ import time
 
 import torch
 
+from common import drop_page_cache, write_results
 from ucm.config import from_dict
 from ucm.hashing import HashSeed, RequestHasher
 from ucm.tiers import TieredStore
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "store.md")
 
 
 def median_ms(fn, reps: int) -> float:
@@ -44,14 +44,6 @@ def dd_gbps(args: list[str], nbytes: int) -> float:
     t = time.perf_counter()
     subprocess.run(["dd", *args], check=True, capture_output=True)
     return nbytes / (time.perf_counter() - t) / 1e9
-
-
-def drop_file_cache(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
 
 
 def main() -> None:
@@ -105,7 +97,7 @@ def main() -> None:
             s.commit(ids_rep)
             s.flush()
             ssd_w.append(nbytes / (time.perf_counter() - t) / 1e9)
-        drop_file_cache(os.path.join(root, "ssd"))
+        drop_page_cache(os.path.join(root, "ssd"))
         host_dir2 = os.path.join(shm, f"hostr{rep}")
         with TieredStore(cfg.replace(host=cfg.host.__class__(capacity=cfg.host.capacity, path=host_dir2)), page) as s:
             dst = torch.empty_like(src)
@@ -159,11 +151,7 @@ def main() -> None:
            f"Command: `.venv/bin/python bench/store.py --blocks {n} --page-mib {args.page_mib}`", "",
            "| measurement | result | reference / goal | verdict |", "|---|---|---|---|"]
     out += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
-    text = "\n".join(out) + "\n"
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(text)
+    write_results("store.md", out)
 
 
 if __name__ == "__main__":

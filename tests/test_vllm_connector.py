@@ -168,3 +168,19 @@ def test_working_set_larger_than_the_tiers(tmp_path):
     assert ext[7] == 0, f"the oldest prompt must have been evicted: {ext}"
     for k, phase in zip(order, r["phases"]):
         assert_identical(phase, base["phases"][k], tol=1e-4)
+
+
+def test_preemption_and_resumption(tmp_path):
+    """A KV cache of 40 blocks for 6 requests growing from 9 to 13 blocks: vLLM preempts and resumes requests
+    while their saves are in flight. float32: outputs match the no-cache baseline, the connector's
+    in-flight saves are fenced (no corrupt block), and resumed requests may load what was saved."""
+    prompts = [prompt_tokens(288, 100 + 350 * k) for k in range(6)]  # 9 blocks each, growing to 13
+    kv_bytes = 40 * 30 * 2 * BLOCK * 3 * 64 * 4
+    base = run_vllm([prompts], dtype="float32", max_tokens=128, kv_cache_bytes=kv_bytes, max_model_len=1024)
+    assert base["phase_metrics"][0].get("vllm:num_preemptions", 0) > 0, "the setup must preempt"
+    r = run_vllm([prompts, prompts], connector=ucm_connector(str(tmp_path)), dtype="float32", max_tokens=128,
+                 kv_cache_bytes=kv_bytes, max_model_len=1024)
+    assert r["phase_metrics"][0].get("vllm:num_preemptions", 0) > 0
+    assert r["phase_metrics"][1].get(EXT, 0) > 0, "the second pass must hit what the first saved"
+    for phase in r["phases"]:
+        assert_identical(phase, base["phases"][0], tol=1e-4)

@@ -45,7 +45,7 @@ class SSDTierConfig:
     path: str
     capacity: int  # bytes
     slab_size: int = 1 << 30  # bytes per slab file
-    direct_io: bool = False
+    direct_io: bool = True
     fsync: bool = False
 
 
@@ -123,6 +123,13 @@ def _bool(section: Mapping, name: str, default: bool, source: str, prefix: str) 
     return v
 
 
+def _int_in(section: Mapping, name: str, default: int, lo: int, hi: int, source: str, prefix: str) -> int:
+    v = section.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ConfigError(source, prefix + name, v, f"must be an integer from {lo} to {hi}")
+    return v
+
+
 def _mapping(value: Any, source: str, key: str) -> Mapping:
     if not isinstance(value, Mapping):
         raise ConfigError(source, key, value, "must be a mapping of keys to values")
@@ -155,7 +162,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
             path=expand_path(s["path"], source, "ssd.path"),
             capacity=parse_size(s["capacity"], source, "ssd.capacity"),
             slab_size=parse_size(s.get("slab_size", "1GiB"), source, "ssd.slab_size"),
-            direct_io=_bool(s, "direct_io", False, source, "ssd."),
+            direct_io=_bool(s, "direct_io", True, source, "ssd."),
             fsync=_bool(s, "fsync", False, source, "ssd."),
         )
     if host is None and ssd is None:
@@ -166,9 +173,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     policy = data.get("write_policy", "write_through")
     if policy not in WRITE_POLICIES:
         raise ConfigError(source, "write_policy", policy, f"must be one of {', '.join(WRITE_POLICIES)}")
-    threads = data.get("io_threads", 4)
-    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= 256:
-        raise ConfigError(source, "io_threads", threads, "must be an integer from 1 to 256")
+    threads = _int_in(data, "io_threads", 4, 1, 256, source, "")
     transfer = TransferConfig()
     if data.get("transfer") is not None:
         t = _mapping(data["transfer"], source, "transfer")
@@ -176,10 +181,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
         mode = t.get("gpu_mode", "staged")
         if mode not in GPU_TRANSFER_MODES:
             raise ConfigError(source, "transfer.gpu_mode", mode, f"must be one of {', '.join(GPU_TRANSFER_MODES)}")
-        progs = t.get("direct_programs", 8)
-        if isinstance(progs, bool) or not isinstance(progs, int) or not 1 <= progs <= 1024:
-            raise ConfigError(source, "transfer.direct_programs", progs, "must be an integer from 1 to 1024")
-        transfer = TransferConfig(mode, progs)
+        transfer = TransferConfig(mode, _int_in(t, "direct_programs", 8, 1, 1024, source, "transfer."))
     return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
                      source=source)
 

@@ -187,27 +187,40 @@ def _segment_views(layout: KVLayout) -> list[torch.Tensor]:
     return views
 
 
+def _wide(t: torch.Tensor, word: int) -> torch.Tensor:
+    """The same bytes viewed as `word`-byte integers (index_copy_ is ~5x faster on int64 than on
+    uint8 on the CPU); the uint8 view when the bytes do not allow it."""
+    dt = {8: torch.int64, 4: torch.int32, 2: torch.int16}.get(min(word, 8))
+    if dt is None:
+        return t
+    try:
+        return t.view(dt)
+    except RuntimeError:
+        return t
+
+
 def copy_blocks_torch(layout: KVLayout, block_ids: torch.Tensor, pages: torch.Tensor,
                       page_index: torch.Tensor | None = None, *, pack: bool = True) -> None:
-    """Vectorised torch path (CPU backend): one gather or scatter per segment."""
+    """Vectorised torch path (CPU backend): one gather (uint8 index_select) and one scatter (word-wide
+    index_copy_) per segment; no per-block Python loop."""
     _check(layout, block_ids, pages, page_index)
     if block_ids.numel() == 0:
         return
     idx = block_ids.to(device=layout.device, dtype=torch.int64)
-    rows = pages if page_index is None else None
     pidx = None if page_index is None else page_index.to(device=pages.device, dtype=torch.int64)
     n = idx.numel()
+    word = layout.word_bytes
     for s, view in zip(layout.segments, _segment_views(layout)):
         cols = slice(s.page_offset, s.page_offset + s.length)
         if pack:
             data = view.index_select(0, idx)
-            if rows is not None:
-                rows[:n, cols].copy_(data)
+            if pidx is None:
+                pages[:n, cols].copy_(data)
             else:
-                pages[:, cols].index_copy_(0, pidx, data)
+                _wide(pages[:, cols], word).index_copy_(0, pidx, _wide(data, word))
         else:
-            data = rows[:n, cols] if rows is not None else pages[:, cols].index_select(0, pidx)
-            view.index_copy_(0, idx, data.to(view.device))
+            data = pages[:n, cols] if pidx is None else pages[:, cols].index_select(0, pidx)
+            _wide(view, word).index_copy_(0, idx, _wide(data.to(view.device), word))
 
 
 def copy_blocks_reference(layout: KVLayout, block_ids: torch.Tensor, pages: torch.Tensor,

@@ -50,12 +50,6 @@ class KVLayout:
     tensors: tuple[torch.Tensor, ...]  # kept alive; the addresses point into them
 
     @property
-    def segment_length(self) -> int | None:
-        """Common segment length, or None when segments differ (the kernel needs a common length)."""
-        lens = {s.length for s in self.segments}
-        return lens.pop() if len(lens) == 1 else None
-
-    @property
     def word_bytes(self) -> int:
         """Widest copy word that divides every address, stride, length and page offset (<= 16)."""
         g = 0

@@ -213,10 +213,6 @@ class SlotIndex:
             raise OSError(errno.ENOSPC, "short write to the index log")
         self.refresh()
 
-    def flush_now(self) -> None:
-        """Inside locked(): write queued records now (before touching slot data that depends on them)."""
-        self._flush_records()
-
     def free_slots(self) -> list[int]:
         used = set(self.slot_ids) | set(self.reserved)
         return [s for s in range(self.num_slots) if s not in used]

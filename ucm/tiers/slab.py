@@ -3,9 +3,9 @@
 Two backends hold the bytes:
 
 * `MemorySlots`: one file in shared memory (/dev/shm), mapped into every process that opens the tier,
-  so the scheduler process sees the worker's blocks and a restarted process finds them. Reserved up
-  front with posix_fallocate (a full /dev/shm is a clear error at start, not a SIGBUS later), pinned
-  with cudaHostRegister when CUDA is present.
+  so the scheduler process sees the worker's blocks and a restarted process finds them. Memory is
+  reserved with posix_fallocate in 64 MiB chunks as slots are first used (a full /dev/shm makes slots
+  unavailable, never a SIGBUS), pinned with cudaHostRegister when CUDA is present.
 * `FileSlots`: slab files on disk, read and written with pread/pwrite (optionally O_DIRECT), one
   checksum per page verified on every read.
 
@@ -62,28 +62,29 @@ def filesystem_type(path: str) -> str:
 
 
 class MemorySlots:
-    """Slots in one shared-memory file mapped into this process."""
+    """Slots in one shared-memory file mapped into this process.
+
+    The file is sparse; memory is reserved with posix_fallocate in CHUNK-sized pieces as slots are first
+    used (`ensure`), so an idle or small cache does not hold the whole capacity (reserving it all at
+    start cost the model's forward pass ~30% on a 2-core machine: it competes for huge pages), and a
+    full tmpfs makes a slot unavailable instead of a SIGBUS on first touch."""
+
+    CHUNK = 64 << 20
 
     def __init__(self, directory: str, num_slots: int, slot_size: int):
         self.path = os.path.join(directory, "pages.bin")
+        self.slot_size = slot_size
         size = num_slots * slot_size
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            if os.fstat(fd).st_size < size:
-                try:
-                    os.posix_fallocate(fd, 0, size)
-                except OSError as e:
-                    raise TierError(e.errno, f"cannot reserve {size} bytes for the host tier at {self.path}: "
-                                    f"{e.strerror}; lower host.capacity or set host.path to a larger tmpfs")
-            self._mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            if os.fstat(self._fd).st_size < size:
+                os.ftruncate(self._fd, size)
+            self._mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # explicit: mmap keeps a dup of fd, which would keep the lock
-            os.close(fd)
-        try:
-            self._mm.madvise(mmap.MADV_HUGEPAGE)  # fewer page-table entries for DMA (best effort)
-        except (AttributeError, OSError):
-            pass
+            fcntl.flock(self._fd, fcntl.LOCK_UN)  # explicit: mmap keeps a dup of fd, which would keep the lock
+        self._ready: set[int] = set()  # chunks known to be allocated
+        self._ahead = threading.Lock()  # one background preparation at a time
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8).view(num_slots, slot_size)
         self.pinned = False
         if torch.cuda.is_available():
@@ -97,6 +98,53 @@ class MemorySlots:
                 if not self.pinned:
                     log.warning("cudaHostRegister of the host tier failed (%s); GPU copies will be slower", rc)
 
+    def _prepare(self, chunk: int) -> None:
+        """Allocate one chunk (posix_fallocate) and map it in (MADV_POPULATE_WRITE, Linux >= 5.14)."""
+        start = chunk * self.CHUNK
+        length = min(self.CHUNK, len(self._mm) - start)
+        os.posix_fallocate(self._fd, start, length)
+        try:
+            self._mm.madvise(23, start, length)  # MADV_POPULATE_WRITE: no page faults on the hot path
+        except (OSError, ValueError):
+            pass
+        self._ready.add(chunk)
+
+    def _prepare_ahead(self, upto: int) -> None:
+        if not self._ahead.acquire(blocking=False):
+            return
+        try:
+            for chunk in range(upto + 1):
+                if chunk * self.CHUNK >= len(self._mm):
+                    break
+                if chunk not in self._ready:
+                    self._prepare(chunk)
+        except OSError:
+            pass  # the hot path reports it, for the slot that needs it
+        finally:
+            self._ahead.release()
+
+    def ensure(self, slots: list[int]) -> list[int]:
+        """Allocate the memory behind these slots; returns the slots whose memory could not be had.
+        Also prepares the next two chunks on a background thread, so later dumps and promotions
+        find their memory ready."""
+        bad, top = [], 0
+        for slot in slots:
+            first = slot * self.slot_size // self.CHUNK
+            last = ((slot + 1) * self.slot_size - 1) // self.CHUNK
+            top = max(top, last)
+            for chunk in range(first, last + 1):
+                if chunk in self._ready:
+                    continue
+                try:
+                    self._prepare(chunk)
+                except OSError as e:
+                    log.warning("no memory for host tier slot %d in %s: %s", slot, self.path, e.strerror)
+                    bad.append(slot)
+                    break
+        if slots and not bad and top + 2 not in self._ready:
+            threading.Thread(target=self._prepare_ahead, args=(top + 2,), name="ucm-prefault", daemon=True).start()
+        return bad
+
     def page(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
 
@@ -109,6 +157,7 @@ class MemorySlots:
             self._mm.close()
         except BufferError:  # a view still alive somewhere; the mapping goes with the process
             pass
+        os.close(self._fd)
 
 
 class FileSlots:
@@ -132,7 +181,15 @@ class FileSlots:
             with self._lock:
                 fd = self._fds.get(slab)
                 if fd is None:
-                    fd = self._fds[slab] = os.open(self.slab_path(slab), self.flags, 0o600)
+                    try:
+                        fd = os.open(self.slab_path(slab), self.flags, 0o600)
+                    except OSError as e:
+                        if e.errno != errno.EINVAL or not self.flags & getattr(os, "O_DIRECT", 0):
+                            raise
+                        log.warning("%s does not support O_DIRECT; using buffered I/O", self.dir)
+                        self.flags &= ~os.O_DIRECT
+                        fd = os.open(self.slab_path(slab), self.flags, 0o600)
+                    self._fds[slab] = fd
         return fd
 
     def _where(self, slot: int) -> tuple[int, int]:
@@ -172,7 +229,6 @@ class TierSpec:
     slab_size: int = 1 << 30
     direct_io: bool = False
     fsync: bool = False
-    checksum: bool = False
     keep_after_exit: bool = True
 
 
@@ -248,6 +304,10 @@ class SlabTier:
         with self.lock:
             with self.index.locked():
                 slots = self.index.reserve(count, set(self.pins))
+                bad = self.slots.ensure(slots) if isinstance(self.slots, MemorySlots) else []
+                for s in bad:
+                    self.index.release(s)
+            slots = [s for s in slots if s not in set(bad)]
             for s in slots:
                 self.pins[s] += 1
             return slots

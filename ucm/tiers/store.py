@@ -24,7 +24,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -97,6 +97,20 @@ class StoreStats:
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=32))
 
 
+def background_priority() -> None:
+    """Keep this thread off the model's cores: nice +10, and, when the main thread is bound to some of
+    the allowed cores (vLLM's CPU backend binds its OpenMP threads), run on the others. On a small
+    CPU machine the cache's copies, checksums and writes must not steal the forward pass's core."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        mine, main = os.sched_getaffinity(0), os.sched_getaffinity(os.getpid())
+        spare = mine - main
+        if spare:
+            os.sched_setaffinity(0, spare)
+    except (OSError, AttributeError):
+        pass
+
+
 def _runs(rows: list[int], slots: list[int]):
     """(first row, first slot, length) of maximal runs where both rows and slots go up by one."""
     k = 0
@@ -133,12 +147,12 @@ class TieredStore:
             sc = config.ssd
             check_writable(sc.path, config.source, "ssd.path")
             self.ssd = SlabTier(TierSpec("ssd", sc.path, sc.capacity, "file", slab_size=sc.slab_size,
-                                         direct_io=sc.direct_io, fsync=sc.fsync, checksum=True), page_size)
+                                         direct_io=sc.direct_io, fsync=sc.fsync), page_size)
         self._lock = threading.Lock()
         self._pending: dict[bytes, int] = {}  # dumped, not committed: id -> host slot
         self._unflushed: dict[bytes, None] = {}  # committed in host, not yet on SSD (oldest first)
         self._promoting: dict[bytes, _Promotion] = {}
-        self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="ucm-io")
+        self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="ucm-io", initializer=background_priority)
         self._flush_q: queue.Queue = queue.Queue()
         self._closed = False
         self._flusher = None
@@ -286,27 +300,35 @@ class TieredStore:
         return task
 
     def load_into(self, ids: Sequence[bytes], fill, cuda: bool = False) -> Task:
-        """Zero-copy load: bring the blocks into host memory (promoting SSD hits; this waits for the
-        disk), pin them, and call `fill(pages, slots, which)`, which must read block ids[which[k]] from
-        pages[slots[k]]. Blocks that cannot be served are in task.errors after wait(); `which` omits them."""
+        """Zero-copy load: pin the blocks found in host memory, promote the ones found on SSD, and call
+        `fill(pages, slots, which)` (once for the host hits, then once per promotion chunk as it
+        completes, so copies overlap the disk reads); `fill` must read block ids[which[k]] from
+        pages[slots[k]]. This waits for the disk. Blocks that cannot be served are in task.errors
+        after wait(); no `which` names them."""
         ids = list(ids)
         task = Task("load", ids)
         if not ids:
             return task
         hit_rows, hit_slots = self._pin_or_promote(ids, task, None, None)
-        for i, bid, fut, _, _ in task._deferred:
-            where = fut.result()[bid]
-            if isinstance(where, Exception) or where[0] != "host":
-                task.fail(i, str(where) if isinstance(where, Exception) else "no room in host memory to stage it")
-                continue
-            _, slot, version = where
-            hit_rows.append(i)
-            hit_slots.append(slot)
-            task._checks.append((self.host, slot, version, i))
-        task._deferred = []
         if hit_rows:
-            order = sorted(range(len(hit_rows)), key=hit_rows.__getitem__)
-            fill(self.host.slots.tensor, [hit_slots[k] for k in order], [hit_rows[k] for k in order])
+            fill(self.host.slots.tensor, hit_slots, hit_rows)
+        by_future: dict = {}
+        for i, bid, fut, _, _ in task._deferred:
+            by_future.setdefault(fut, []).append((i, bid))
+        task._deferred = []
+        for fut in as_completed(by_future):
+            rows, slots = [], []
+            for i, bid in by_future[fut]:
+                where = fut.result()[bid]
+                if isinstance(where, Exception) or where[0] != "host":
+                    task.fail(i, str(where) if isinstance(where, Exception) else "no room in host memory to stage it")
+                    continue
+                _, slot, version = where
+                rows.append(i)
+                slots.append(slot)
+                task._checks.append((self.host, slot, version, i))
+            if rows:
+                fill(self.host.slots.tensor, slots, rows)
         if cuda:
             task._event = torch.cuda.Event()
             task._event.record()
@@ -492,6 +514,7 @@ class TieredStore:
             self._flush_q.put(batch)
 
     def _flush_loop(self) -> None:
+        background_priority()
         while True:
             batch = self._flush_q.get()
             try:

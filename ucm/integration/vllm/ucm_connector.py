@@ -39,7 +39,7 @@ from ucm.kernels.layout import KVLayout
 from ucm.kernels.transfer import HostTransfer
 from ucm.logger import get_logger
 from ucm.tiers import TieredStore
-from ucm.tiers.store import shared_store
+from ucm.tiers.store import background_priority, shared_store
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -369,8 +369,13 @@ class UCMDirectConnector(KVConnectorBase_V1):
         store_ids = self._ids_for_rank(ids, self.rank)
         before = (self.store.stats.host_hits, self.store.stats.ssd_hits)
         gpu = self.layout.device.type == "cuda"
-        task = self.store.load_into(store_ids, lambda pages, slots, which: self.xfer.from_host(
-            [vids[i] for i in which], pages, slots), cuda=gpu)
+        fill_s = [0.0]
+
+        def fill(pages, slots, which):
+            t = time.perf_counter()
+            self.xfer.from_host([vids[i] for i in which], pages, slots)
+            fill_s[0] += time.perf_counter() - t
+        task = self.store.load_into(store_ids, fill, cuda=gpu)
         failed = self.store.wait(task)
         dt = time.perf_counter() - t0
         if failed:
@@ -388,7 +393,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
         s["ssd_hit_blocks"] += self.store.stats.ssd_hits - before[1]
         s["load_bytes"] += ok * self.page_size
         s["load_seconds"] += dt
-        log_load.debug("loaded %d blocks (%d MiB) in %.1f ms", ok, ok * self.page_size >> 20, 1e3 * dt)
+        log_load.debug("loaded %d blocks (%d MiB) in %.1f ms (copies into the KV cache %.1f ms)", ok,
+                       ok * self.page_size >> 20, 1e3 * dt, 1e3 * fill_s[0])
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # loads complete in start_load_kv, before the forward pass
@@ -413,6 +419,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self._saves.put((rm.req_id, ids, vids, event))
 
     def _save_loop(self) -> None:
+        background_priority()
         stream = None
         while True:
             item = self._saves.get()
