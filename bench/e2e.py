@@ -27,7 +27,9 @@ import sys
 import tempfile
 import time
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "e2e.md")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import drop_page_cache, write_results  # noqa: E402
+
 
 
 def child(spec: dict) -> dict:
@@ -95,15 +97,6 @@ def run(spec: dict) -> dict:
     if line is None:
         raise RuntimeError(f"child failed: {spec}\n{p.stderr[-4000:]}")
     return json.loads(line[4:])
-
-
-def drop_page_cache(path: str) -> None:
-    for root, _, files in os.walk(path):
-        for f in files:
-            fd = os.open(os.path.join(root, f), os.O_RDONLY)
-            os.fsync(fd) if os.access(os.path.join(root, f), os.W_OK) else None
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            os.close(fd)
 
 
 def main() -> None:
@@ -175,11 +168,7 @@ def main() -> None:
             "| configuration | seconds | tokens/s |", "|---|---|---|",
             f"| no connector | {base['seconds']:.2f} | {base['tokens_per_s']:.0f} |",
             f"| UCMConnector, cold store | {conn['seconds']:.2f} | {conn['tokens_per_s']:.0f} ({100 * (ratio - 1):+.1f}%) |"]
-    text = "\n".join(out) + "\n"
-    os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-    with open(RESULTS, "w") as f:
-        f.write(text)
-    print(text)
+    write_results("e2e.md", out)
 
 
 if __name__ == "__main__":

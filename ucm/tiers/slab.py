@@ -304,13 +304,14 @@ class SlabTier:
         with self.lock:
             with self.index.locked():
                 slots = self.index.reserve(count, set(self.pins))
-                bad = self.slots.ensure(slots) if isinstance(self.slots, MemorySlots) else []
-                for s in bad:
-                    self.index.release(s)
-            slots = [s for s in slots if s not in set(bad)]
             for s in slots:
                 self.pins[s] += 1
-            return slots
+        # memory for new slots is allocated outside the locks: the slots are reserved, nobody else uses them
+        bad = self.slots.ensure(slots) if isinstance(self.slots, MemorySlots) else []
+        if bad:
+            self.release(bad)
+            slots = [s for s in slots if s not in set(bad)]
+        return slots
 
     def publish(self, items: list[tuple[bytes, int, int]], dirty: bool = False) -> list[bool]:
         """Make (id, slot, checksum) visible; unpins. False where the id was already stored elsewhere.
