@@ -17,6 +17,7 @@ nothing (the embedded default).
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -357,10 +358,10 @@ class UCMDirectConnector(KVConnectorBase_V1):
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
         assert isinstance(meta, UCMConnectorMetadata)
+        self._request_metas.update((rm.req_id, rm) for rm in meta.requests)
         ids: list[bytes] = []
         vids: list[int] = []
         for rm in meta.requests:
-            self._request_metas[rm.req_id] = rm
             ids += rm.load_block_ids[0]
             vids += rm.load_block_ids[1]
         if not ids:
@@ -435,7 +436,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
                     gpu = self.layout.device.type == "cuda"
                     if gpu and stream is None:
                         stream = torch.cuda.Stream(priority=-1)
-                    ctx = torch.cuda.stream(stream) if gpu else _nullcontext()
+                    ctx = torch.cuda.stream(stream) if gpu else contextlib.nullcontext()
                     with ctx:
                         if event is not None:
                             stream.wait_event(event)
@@ -468,6 +469,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self._fence(kv_connector_metadata.preempted)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        for r in finished_req_ids:
+            self._request_metas.pop(r, None)  # every finished request, with or without saves
         with self._cv:
             self._finished |= {r for r in finished_req_ids if r in self._had_saves}
             done = {r for r in self._finished if self._pending.get(r, 0) == 0}
@@ -475,7 +478,6 @@ class UCMDirectConnector(KVConnectorBase_V1):
             for r in done:
                 self._had_saves.discard(r)
                 self._pending.pop(r, None)
-                self._request_metas.pop(r, None)
         return (done or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
@@ -498,14 +500,6 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self._saver.join(timeout=60)
         if self._store is not None:
             self._store.flush(timeout=60)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 class UCMConnector(UCMDirectConnector):
