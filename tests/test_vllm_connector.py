@@ -64,7 +64,29 @@ def test_cold_then_warm_in_a_fresh_process_is_identical(stored_a):
     assert m.get(EXT) == A_BLOCKS * BLOCK, f"vLLM counted {m.get(EXT)} external tokens"
     assert m.get(DISK) == A_BLOCKS * BLOCK, "the hits must come from the SSD tier"
     assert warm["phases"][0][0]["num_cached_tokens"] == A_BLOCKS * BLOCK
+    assert "SSD hits load layer by layer in" in warm["log"] and "straight into the KV cache" in warm["log"], \
+        "the KV cache allocation patch makes SSD reads land in the KV cache"
     assert_identical(warm["phases"][0], ref["phases"][1])
+
+
+def test_without_patches_ssd_reads_go_through_a_bounce_buffer_identically(stored_a):
+    """UCM_DISABLE_PATCHES=1: vLLM's KV cache is not 4 KiB aligned, so O_DIRECT reads take a bounce
+    buffer on I/O threads; the outputs must not change."""
+    root, mp, _ = stored_a
+    warm = run_vllm([[A]], connector=warm_connector(root, "nopatch", mp), multiprocessing=mp,
+                    env={"UCM_DISABLE_PATCHES": "1"})
+    assert "through a bounce buffer (KV cache not 4 KiB aligned)" in warm["log"]
+    assert warm["phase_metrics"][0].get(DISK) == A_BLOCKS * BLOCK
+    assert_identical(warm["phases"][0], reference(mp)["phases"][1])
+
+
+def test_whole_request_loads_when_layerwise_loading_is_off(stored_a):
+    """The same SSD hits through the other load path: copied whole before the forward pass."""
+    root, mp, _ = stored_a
+    warm = run_vllm([[A]], connector=warm_connector(root, "whole", mp, transfer={"layerwise_load": False}),
+                    multiprocessing=mp)
+    assert warm["phase_metrics"][0].get(DISK) == A_BLOCKS * BLOCK
+    assert_identical(warm["phases"][0], reference(mp)["phases"][1])
 
 
 def test_partial_prefix_and_extended_prompt(stored_a):

@@ -1,4 +1,4 @@
-"""`ucm` command line: `ucm demo`, `ucm stats`."""
+"""`ucm` command line: demo, store-demo, stats, verify, doctor."""
 
 from __future__ import annotations
 
@@ -50,15 +50,18 @@ def _store_demo(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
+    """Blocks, bytes and capacity per tier (from the index files, so a stopped store works too), then
+    each vLLM process's hit rates, transfer rates and recent errors from the connector's journal."""
     from ucm.config import load_config
+    from ucm.integration.vllm.journal import read_counters
+    from ucm.tiers.index import SlotIndex
     from ucm.tiers.store import _default_host_path
 
     cfg = load_config(args.config)
     roots = [("host", _default_host_path(cfg) if cfg.host.path == "auto" else cfg.host.path, cfg.host.capacity)]
     if cfg.ssd:
         roots.append(("ssd", cfg.ssd.path, cfg.ssd.capacity))
-    from ucm.tiers.index import SlotIndex
-
+    journals = []
     for name, root, capacity in roots:
         if not os.path.isdir(root):
             print(f"{name}: {root} (empty: directory does not exist)")
@@ -70,9 +73,52 @@ def _stats(args: argparse.Namespace) -> int:
             page = int(sub[1:])
             slot = (page + 4095) // 4096 * 4096
             idx = SlotIndex(d, max(1, capacity // slot))
-            print(f"{name}: {d}: {len(idx.entries)} blocks of {page} B ({len(idx.entries) * slot / 2**20:.1f} MiB), "
-                  f"{len(idx.dirty)} not yet flushed, {len(idx.reserved)} slots being written")
+            print(f"{name}: {d}: {len(idx.entries)} blocks of {page} B ({len(idx.entries) * slot / 2**20:.1f} MiB "
+                  f"of {capacity / 2**20:.0f} MiB), {len(idx.dirty)} not yet flushed, {len(idx.reserved)} slots "
+                  "being written")
             idx.close()
+            if name == roots[-1][0]:
+                journals.append(d)
+    for d in journals:
+        for rec in read_counters(d):
+            state = "running" if rec["alive"] else "stopped"
+            if "lookups" in rec:
+                c = rec["lookups"]
+                rate = c["ucm_hit_blocks"] / c["blocks"] if c["blocks"] else 0.0
+                print(f"{rec['role']} pid {rec['pid']} ({state}): {c['requests']} lookups, {c['blocks']} full blocks, "
+                      f"ucm had {c['ucm_hit_blocks']} ({100 * rate:.1f}%), vLLM's prefix cache had "
+                      f"{c['vllm_hit_blocks']}, {c['loaded_tokens']} tokens loaded")
+            if "connector" in rec:
+                c, st = rec["connector"], rec["store"]
+                load_gbs = c["load_bytes"] / c["load_seconds"] / 1e9 if c["load_seconds"] else 0.0
+                save_gbs = c["save_bytes"] / c["save_seconds"] / 1e9 if c["save_seconds"] else 0.0
+                print(f"{rec['role']} pid {rec['pid']} ({state}): loaded {c['loaded_blocks']} blocks "
+                      f"({c['host_hit_blocks']} from host, {c['ssd_hit_blocks']} from SSD, {load_gbs:.2f} GB/s), "
+                      f"{c['load_errors']} load errors; saved {c['saved_blocks']} ({save_gbs:.2f} GB/s), "
+                      f"{c['save_failures']} save failures; flushed to SSD {st['flushed_blocks']}, "
+                      f"{st['flush_failures']} flush failures")
+                for e in rec.get("recent_errors", [])[-5:]:
+                    print(f"  recent error: {e['op']}: {e['why']}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from ucm.config import load_config
+    from ucm.integration.vllm.doctor import diagnose, report
+
+    if args.tokens:
+        tokens = [int(t) for t in args.tokens.replace(" ", "").split(",") if t]
+    else:
+        if not args.model:
+            print("ucm doctor: --text and --text-file need --model (its tokenizer)", file=sys.stderr)
+            return 2
+        from transformers import AutoTokenizer
+
+        text = args.text if args.text is not None else open(args.text_file, encoding="utf-8").read()
+        tokens = AutoTokenizer.from_pretrained(args.model)(text)["input_ids"]
+    diag = diagnose(load_config(args.config), tokens, model=args.model, dtype=args.dtype, block_size=args.block_size,
+                    tp_size=args.tp, salt=args.salt)
+    print(report(diag))
     return 0
 
 
@@ -85,6 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--prompts", type=int, default=2)
     sub.add_parser("store-demo", help="dump, flush and reload blocks through the tiers (no vLLM)")
     sub.add_parser("stats", help="blocks and bytes per tier")
+    sub.add_parser("verify", help="patches, connector registration, config, storage, hash determinism")
+    doc = sub.add_parser("doctor", help="why a prompt does not hit: where each block is, likely reasons")
+    src = doc.add_mutually_exclusive_group(required=True)
+    src.add_argument("--tokens", help="token ids, comma separated")
+    src.add_argument("--text", help="prompt text (tokenized with --model's tokenizer)")
+    src.add_argument("--text-file", help="file holding the prompt text")
+    doc.add_argument("--model", help="model path or name your vLLM serves (tokenizer, and compared with the store)")
+    doc.add_argument("--dtype", help="dtype your vLLM runs, e.g. bfloat16")
+    doc.add_argument("--block-size", type=int, help="vLLM block size")
+    doc.add_argument("--tp", type=int, help="tensor parallel size")
+    doc.add_argument("--salt", help="the cache_salt your requests use")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
         from ucm.integration.vllm.demo import main as demo_main
@@ -94,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
         return _store_demo(args)
     if args.cmd == "stats":
         return _stats(args)
+    if args.cmd == "doctor":
+        return _doctor(args)
+    if args.cmd == "verify":
+        from ucm.integration.vllm.verify import main as verify_main
+
+        return verify_main(args.config)
     return 2
 
 

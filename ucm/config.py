@@ -55,6 +55,8 @@ class TransferConfig:
 
     gpu_mode: str = "staged"  # staged: kernel into a GPU ring + DMA; direct: kernel writes host memory (UVA)
     direct_programs: int = 8  # persistent grid of the direct kernel (SMs it may occupy)
+    layerwise_load: bool = True  # SSD hits read layer group by layer group, overlapping the forward pass
+    layer_read_bytes: int = 512 << 10  # bytes of a page per read of a layer-wise load (first group: one layer)
 
 
 @dataclass(frozen=True)
@@ -177,11 +179,13 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     transfer = TransferConfig()
     if data.get("transfer") is not None:
         t = _mapping(data["transfer"], source, "transfer")
-        _check_keys(t, ("gpu_mode", "direct_programs"), source, "transfer.")
+        _check_keys(t, ("gpu_mode", "direct_programs", "layerwise_load", "layer_read_size"), source, "transfer.")
         mode = t.get("gpu_mode", "staged")
         if mode not in GPU_TRANSFER_MODES:
             raise ConfigError(source, "transfer.gpu_mode", mode, f"must be one of {', '.join(GPU_TRANSFER_MODES)}")
-        transfer = TransferConfig(mode, _int_in(t, "direct_programs", 8, 1, 1024, source, "transfer."))
+        transfer = TransferConfig(mode, _int_in(t, "direct_programs", 8, 1, 1024, source, "transfer."),
+                                  _bool(t, "layerwise_load", True, source, "transfer."),
+                                  parse_size(t.get("layer_read_size", "512KiB"), source, "transfer.layer_read_size"))
     return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
                      source=source)
 

@@ -42,7 +42,8 @@ def page_checksum(buf) -> int:
 
 
 class TierError(OSError):
-    pass
+    def __str__(self) -> str:
+        return self.strerror if not self.errno and self.strerror else super().__str__()
 
 
 def filesystem_type(path: str) -> str:
@@ -192,12 +193,18 @@ class FileSlots:
                     self._fds[slab] = fd
         return fd
 
-    def _where(self, slot: int) -> tuple[int, int]:
+    @property
+    def direct(self) -> bool:
+        """True while the slab files are opened with O_DIRECT (reads need aligned memory)."""
+        return bool(self.flags & getattr(os, "O_DIRECT", 0))
+
+    def locate(self, slot: int) -> tuple[int, int]:
+        """(file descriptor, byte offset) of a slot."""
         slab, i = divmod(slot, self.slots_per_slab)
         return self._fd(slab), i * self.slot_size
 
     def write(self, slot: int, buf: memoryview) -> None:
-        fd, off = self._where(slot)
+        fd, off = self.locate(slot)
         done = 0
         while done < len(buf):  # a short write is retried once more to surface the real errno
             n = os.pwrite(fd, buf[done:], off + done)
@@ -208,7 +215,7 @@ class FileSlots:
             os.fdatasync(fd)
 
     def read(self, slot: int, buf: memoryview) -> None:
-        fd, off = self._where(slot)
+        fd, off = self.locate(slot)
         n = os.preadv(fd, [buf], off)
         if n != len(buf):
             raise TierError(errno.EIO, f"short read ({n} of {len(buf)} bytes): slab file truncated")

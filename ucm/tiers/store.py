@@ -516,15 +516,23 @@ class TieredStore:
     def _flush_loop(self) -> None:
         background_priority()
         while True:
-            batch = self._flush_q.get()
+            batches = [self._flush_q.get()]
+            while batches[-1] is not None:  # coalesce what queued up: one reservation, one publish
+                try:
+                    batches.append(self._flush_q.get_nowait())
+                except queue.Empty:
+                    break
             try:
-                if batch is None:
-                    return
-                self._flush(batch)
+                ids = list(dict.fromkeys(b for batch in batches if batch for b in batch))
+                if ids:
+                    self._flush(ids)
             except Exception as e:  # noqa: BLE001 - the flusher must survive anything
                 log_save.error("flush to SSD failed: %s: %s", type(e).__name__, e)
             finally:
-                self._flush_q.task_done()
+                for _ in batches:
+                    self._flush_q.task_done()
+            if batches[-1] is None:
+                return
 
     def _flush(self, ids: list[bytes]) -> None:
         ssd = self.ssd

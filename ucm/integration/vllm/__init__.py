@@ -7,8 +7,13 @@ CONNECTORS = {
 
 
 def register() -> None:
-    """vLLM general plugin: make kv_connector="UCMConnector" resolvable without a module path."""
+    """vLLM general plugin (every vLLM process runs it): make kv_connector="UCMConnector" resolvable
+    without a module path, and apply ucm's patches for this vLLM version (unless UCM_DISABLE_PATCHES=1)."""
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    from ucm.integration.vllm.patch.apply_patch import install_import_hook
+
+    install_import_hook()
 
     for name, (module, cls) in CONNECTORS.items():
         if name not in KVConnectorFactory._registry:

@@ -21,6 +21,7 @@ import contextlib
 import queue
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -36,10 +37,12 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ucm.config import UCMConfig, from_dict, load_config
 from ucm.hashing import HashSeed, RequestHasher
-from ucm.kernels.layout import KVLayout
+from ucm.integration.vllm.journal import Journal
+from ucm.kernels.layout import KVLayout, Segment
 from ucm.kernels.transfer import HostTransfer
 from ucm.logger import get_logger
 from ucm.tiers import TieredStore
+from ucm.tiers.ranged import DIRECT_ALIGN, PageRange, RangedLoad
 from ucm.tiers.store import background_priority, shared_store
 
 if TYPE_CHECKING:
@@ -120,6 +123,44 @@ def request_salt(request: "Request") -> str | None:
     return "|".join(parts) or None
 
 
+# ---- layer-wise loading ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LayerPlan:
+    """How a page splits into layer groups, and where each part lives in the KV cache."""
+
+    groups: tuple[tuple[PageRange, ...], ...]  # page ranges of each group, groups in layer order
+    group_of: dict[str, int]  # registered layer name -> its group
+    segment_at: dict[int, Segment]  # page offset -> the segment starting there
+
+    def address(self, vllm_block: int, r: PageRange) -> int:
+        """Byte address in the KV cache of page range r (one whole segment) of a vLLM block."""
+        seg = self.segment_at[r.page_offset]
+        return seg.addr + vllm_block * seg.block_stride
+
+
+def layer_plan(layout: KVLayout, tc) -> LayerPlan | None:
+    """A plan when layer-wise loading applies: enabled, a CPU KV cache (reads land in it directly; a
+    GPU cache loads whole requests from the pinned host tier), and one tensor per layer."""
+    if not tc.layerwise_load or layout.device.type != "cpu" or len(layout.names) < 2:
+        return None
+    seg_of: dict[int, list[Segment]] = {}
+    for seg in layout.segments:
+        seg_of.setdefault(seg.tensor_index, []).append(seg)
+    groups: list[list[int]] = [[0]]  # layer indices; the first group is one layer, so layer 0 starts early
+    for ti in range(1, len(layout.names)):
+        g = groups[-1]
+        nbytes = sum(s.length for t in g for s in seg_of.get(t, ()))
+        if len(groups) == 1 or nbytes >= tc.layer_read_bytes or len(g) >= 2 * len(groups[-2]):
+            groups.append([ti])  # groups grow at most 2x per step up to the read size
+        else:
+            g.append(ti)
+    group_of = {name: gi for gi, g in enumerate(groups) for name in (layout.names[t] for t in g)}
+    ranges = tuple(tuple(PageRange(s.page_offset, s.length) for t in g for s in seg_of.get(t, ())) for g in groups)
+    if not all(ranges):
+        return None  # segments merged across layers: no per-layer order to follow
+    return LayerPlan(ranges, group_of, {s.page_offset: s for s in layout.segments})
+
+
 # ---- metadata -------------------------------------------------------------------------------------
 @dataclass
 class RequestMeta:
@@ -128,6 +169,9 @@ class RequestMeta:
     req_id: str
     load_block_ids: tuple[list[bytes], list[int]] = field(default_factory=lambda: ([], []))
     dump_block_ids: tuple[list[bytes], list[int]] = field(default_factory=lambda: ([], []))
+    # leading load blocks holding only cached tokens: this step's forward pass writes none of their
+    # slots, so they may be filled layer by layer while it runs (a full hit's last block is not)
+    load_whole_blocks: int = 0
 
 
 @dataclass
@@ -145,6 +189,7 @@ class RequestState:
     block_ids: list[int] = field(default_factory=list)  # vLLM blocks of the request, in order
     load_range: tuple[int, int] | None = None  # blocks [a, b) to load, decided at lookup
     load: tuple[list[bytes], list[int]] | None = None  # set after allocation, sent once
+    load_whole_blocks: int = 0
     load_sources: dict = field(default_factory=dict)
     saved_upto: int = 0  # blocks [0, saved_upto) are stored, loaded, or scheduled for saving
     dumps_scheduled: bool = False
@@ -200,7 +245,10 @@ class UCMDirectConnector(KVConnectorBase_V1):
         self.mla = "MLA" in type(spec).__name__
         self.request_hasher = RequestHasher(hash_seed(vllm_config, kv_cache_config))
         self._store: TieredStore | None = None
+        self._journal: Journal | None = None
         self._stats = UCMConnectorStats()
+        self._totals = {k: 0 for k in _STAT_KEYS}  # since start (self._stats: since the last report)
+        self._lookups = {"requests": 0, "blocks": 0, "ucm_hit_blocks": 0, "vllm_hit_blocks": 0, "loaded_tokens": 0}
         if role == KVConnectorRole.SCHEDULER:
             self._reqs: dict[str, RequestState] = {}
             if ktc.kv_load_failure_policy == "fail":
@@ -222,9 +270,14 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self._had_saves: set[str] = set()
             self._finished: set[str] = set()
             self._cv = threading.Condition()
+            self._save_stream = None
             self._saver = threading.Thread(target=self._save_loop, name="ucm-save", daemon=True)
             self._saver.start()
             self._request_metas: dict[str, RequestMeta] = {}  # last step's metadata (debugging)
+            self._layer_plan: LayerPlan | None = None
+            self._layered: tuple[RangedLoad, list[int], float] | None = None  # this step's layer-wise load
+            self._layers_waited: set[int] = set()
+            self._layer_pool = ThreadPoolExecutor(2 * self.config.io_threads, thread_name_prefix="ucm-layers")
 
     # ---- shared -----------------------------------------------------------------------------------
     @property
@@ -232,6 +285,24 @@ class UCMDirectConnector(KVConnectorBase_V1):
         if self._store is None:
             self._store = shared_store(self.config, self.page_size)
         return self._store
+
+    @property
+    def journal(self) -> Journal:
+        """Lookups and counters left next to the store for `ucm doctor` and `ucm stats`."""
+        if self._journal is None:
+            role = "scheduler" if self.role == KVConnectorRole.SCHEDULER else f"worker{self.rank}"
+            self._journal = Journal(self.store.storage_path, role)
+            self._journal.seed(self.request_hasher.seed)
+        return self._journal
+
+    def _write_counters(self, force: bool = False) -> None:
+        if self.role == KVConnectorRole.SCHEDULER:
+            self.journal.counters({"lookups": self._lookups}, force)
+        else:
+            st = self.store.stats
+            store = {k: v for k, v in vars(st).items() if k != "recent_errors"}
+            errors = [{"time": t, "op": op, "why": why} for t, op, why in list(st.recent_errors)]
+            self.journal.counters({"connector": self._totals, "store": store, "recent_errors": errors}, force)
 
     def _ids_for_rank(self, ids: list[bytes], rank: int) -> list[bytes]:
         return shard_ids(ids, rank, self.tp_size, self.mla)
@@ -267,9 +338,21 @@ class UCMDirectConnector(KVConnectorBase_V1):
         external = max(0, hit_tokens - num_computed_tokens)
         first = num_computed_tokens // self.block_size
         st.load_range = (first, -(-hit_tokens // self.block_size)) if external else None
+        st.load_whole_blocks = hit_tokens // self.block_size - first
         log.debug("req %s: %d tokens, %d full blocks, %d in ucm, %d computed by vLLM -> load %d tokens "
                   "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits, num_computed_tokens,
                   external, 1e3 * (time.perf_counter() - t0))
+        c = self._lookups
+        c["requests"] += 1
+        c["blocks"] += len(ids)
+        c["ucm_hit_blocks"] += hits
+        c["vllm_hit_blocks"] += num_computed_tokens // self.block_size
+        c["loaded_tokens"] += external
+        self.journal.lookup({"t": round(time.time(), 3), "req": request.request_id, "tokens": n_tokens,
+                             "blocks": len(ids), "first": ids[0].hex() if ids else "",
+                             "seed": self.request_hasher.root().hex()[:16], "salted": request_salt(request) is not None,
+                             "ucm": hits, "vllm": num_computed_tokens // self.block_size, "load_tokens": external})
+        self._write_counters()
         return external, False
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
@@ -321,6 +404,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
             log.debug("step: req %s computes up to token %d (%d scheduled)", req_id, computed_after, sched.get(req_id, 0))
             if st.load is not None:
                 rm.load_block_ids, st.load = st.load, None
+                rm.load_whole_blocks = st.load_whole_blocks
             full = min(computed_after, st.request.num_tokens) // self.block_size
             full = min(full, len(st.block_ids))
             if full > st.saved_upto:
@@ -353,21 +437,50 @@ class UCMDirectConnector(KVConnectorBase_V1):
                              f"config {self.page_size} B ({self.layout.describe()})")
         tc = self.config.transfer
         self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
-        log.info("worker rank %d: %s; store %s", self.rank, self.layout.describe(), self.store.storage_path)
+        self._layer_plan = layer_plan(self.layout, tc) if self.store.ssd is not None else None
+        how = "whole, before the forward pass"
+        if self._layer_plan:
+            aligned = all(s.addr % DIRECT_ALIGN == 0 and s.block_stride % DIRECT_ALIGN == 0 for s in self.layout.segments)
+            how = (f"layer by layer in {len(self._layer_plan.groups)} groups, "
+                   f"{'straight into the KV cache' if aligned else 'through a bounce buffer (KV cache not 4 KiB aligned)'}")
+        log.info("worker rank %d: %s; store %s; SSD hits load %s", self.rank, self.layout.describe(),
+                 self.store.storage_path, how)
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        """Load this step's hits. Blocks in host memory, and all blocks when layer-wise loading is off,
+        are copied before the forward pass; SSD blocks that hold only cached tokens are read layer group
+        by layer group straight into the KV cache while it runs (`wait_for_layer_load`)."""
         meta = self._get_connector_metadata()
         assert isinstance(meta, UCMConnectorMetadata)
         self._request_metas.update((rm.req_id, rm) for rm in meta.requests)
         ids: list[bytes] = []
         vids: list[int] = []
+        whole: list[bool] = []
         for rm in meta.requests:
+            n = len(rm.load_block_ids[0])
             ids += rm.load_block_ids[0]
             vids += rm.load_block_ids[1]
+            whole += [k < rm.load_whole_blocks for k in range(n)]
         if not ids:
             return
         t0 = time.perf_counter()
         store_ids = self._ids_for_rank(ids, self.rank)
+        layered: list[int] = []
+        if self._layer_plan is not None:
+            where = self.store.where(store_ids)
+            layered = [k for k, w in enumerate(where) if w == "ssd" and whole[k]]
+        if layered:
+            plan = self._layer_plan
+            lids, lvids = [store_ids[k] for k in layered], [vids[k] for k in layered]
+            self._layered = (RangedLoad(self.store.ssd, lids, plan.groups, lambda i, r: plan.address(lvids[i], r),
+                                        self.page_size, self._layer_pool), lvids, t0)
+            skip = set(layered)
+            rest = [k for k in range(len(ids)) if k not in skip]
+            store_ids, vids = [store_ids[k] for k in rest], [vids[k] for k in rest]
+        if store_ids:
+            self._load_whole(store_ids, vids, t0)
+
+    def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
         before = (self.store.stats.host_hits, self.store.stats.ssd_hits)
         gpu = self.layout.device.type == "cuda"
         fill_s = [0.0]
@@ -378,36 +491,79 @@ class UCMDirectConnector(KVConnectorBase_V1):
             fill_s[0] += time.perf_counter() - t
         task = self.store.load_into(store_ids, fill, cuda=gpu)
         failed = self.store.wait(task)
-        dt = time.perf_counter() - t0
-        if failed:
-            bad = {vids[i] for i in task.errors}
-            self._load_errors |= bad
-            first = min(task.errors)
-            log_load.warning("%d of %d blocks failed to load (vLLM recomputes them); first: vLLM block %d: %s",
-                             failed, len(ids), vids[first], task.errors[first])
-        ok = len(ids) - failed
+        self._count_load(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, time.perf_counter() - t0)
         s = self._stats.data
-        s["loaded_blocks"] += ok
-        s["load_errors"] += failed
-        s["hit_tokens"] += ok * self.block_size
         s["host_hit_blocks"] += self.store.stats.host_hits - before[0]
         s["ssd_hit_blocks"] += self.store.stats.ssd_hits - before[1]
+        log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms (copies into the KV cache "
+                       "%.1f ms)", len(store_ids) - failed, (len(store_ids) - failed) * self.page_size >> 20,
+                       1e3 * (time.perf_counter() - t0), 1e3 * fill_s[0])
+
+    def _count_load(self, n: int, errors: dict[int, str], seconds: float) -> None:
+        """Stats and load errors of n blocks; errors: vLLM block id -> why."""
+        if errors:
+            self._load_errors |= set(errors)
+            first = min(errors)
+            log_load.warning("%d of %d blocks failed to load (vLLM recomputes them); first: vLLM block %d: %s",
+                             len(errors), n, first, errors[first])
+        ok = n - len(errors)
+        s = self._stats.data
+        s["loaded_blocks"] += ok
+        s["load_errors"] += len(errors)
+        s["hit_tokens"] += ok * self.block_size
         s["load_bytes"] += ok * self.page_size
-        s["load_seconds"] += dt
-        log_load.debug("loaded %d blocks (%d MiB) in %.1f ms (copies into the KV cache %.1f ms)", ok,
-                       ok * self.page_size >> 20, 1e3 * dt, 1e3 * fill_s[0])
+        s["load_seconds"] += seconds
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # loads complete in start_load_kv, before the forward pass
+        if self._layered is None:
+            return
+        load = self._layered[0]
+        g = self._layer_plan.group_of.get(layer_name)
+        for gg in range(len(load.groups)) if g is None else (g,):  # an unknown layer waits for everything
+            load.wait_group(gg)
+            self._layers_waited.add(gg)
+
+    def _finish_layered(self) -> None:
+        """Wait for the layer-wise reads and verify them; failed blocks become load errors."""
+        if self._layered is None:
+            return
+        load, lvids, t0 = self._layered
+        self._layered = None
+        errors = load.finish()
+        unwaited = set(range(len(load.groups))) - self._layers_waited
+        self._layers_waited = set()
+        if unwaited:  # the forward pass read layers without waiting for them: its output is not to be used
+            log_load.warning("vLLM did not call wait_for_layer_load for %d of %d layer groups; the step's %d "
+                             "loaded blocks are reported failed (recomputed) and loads are whole from now on",
+                             len(unwaited), len(load.groups), len(lvids))
+            errors = {i: "layer not awaited by the forward pass" for i in range(len(lvids))}
+            self._layer_plan = None
+        if errors:
+            self.store.stats.recent_errors.append((time.time(), "load", errors[min(errors)]))
+        self._count_load(len(lvids), {lvids[i]: why for i, why in errors.items()}, time.perf_counter() - t0)
+        self._stats.data["ssd_hit_blocks"] += len(lvids) - len(errors)
+        self.store.stats.ssd_hits += len(lvids) - len(errors)
+        log_load.debug("read %d blocks (%d MiB) from SSD layer by layer, finished %.1f ms after the step began",
+                       len(lvids) - len(errors), (len(lvids) - len(errors)) * self.page_size >> 20,
+                       1e3 * (time.perf_counter() - t0))
 
     def save_kv_layer(self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any) -> None:
         return  # whole blocks (all layers) are saved after the forward pass, in wait_for_save
 
     def wait_for_save(self):
+        """Hand this step's newly full blocks to the saver.
+
+        On a GPU the copies run on a background thread and a high-priority stream, after an event that
+        marks the end of the forward pass. On a CPU there is no copy engine: a copy thread competes with
+        the forward pass's OpenMP threads (a descheduled thread stalls every barrier), so the copy into
+        the host tier runs here, between steps, and only the SSD write-through stays in the background.
+        """
+        self._finish_layered()
         meta = self._get_connector_metadata()
         assert isinstance(meta, UCMConnectorMetadata)
+        gpu = self.layout is not None and self.layout.device.type == "cuda"
         event = None
-        if self.layout is not None and self.layout.device.type == "cuda":
+        if gpu:
             event = torch.cuda.Event()
             event.record()  # the save kernels wait for this step's forward pass
         for rm in meta.requests:
@@ -417,47 +573,53 @@ class UCMDirectConnector(KVConnectorBase_V1):
             with self._cv:
                 self._pending[rm.req_id] = self._pending.get(rm.req_id, 0) + 1
                 self._had_saves.add(rm.req_id)
-            self._saves.put((rm.req_id, ids, vids, event))
+            if gpu:
+                self._saves.put((rm.req_id, ids, vids, event))
+            else:
+                self._save(rm.req_id, ids, vids, None)
 
     def _save_loop(self) -> None:
         background_priority()
-        stream = None
         while True:
             item = self._saves.get()
             if item is None:
                 return
-            req_id, ids, vids, event = item
-            try:
-                t0 = time.perf_counter()
-                store_ids = self._ids_for_rank(ids, self.rank)
-                if self.mla and self.rank != 0:
-                    store_ids = []  # MLA: identical KV on every rank; rank 0 saves it
-                if store_ids:
-                    gpu = self.layout.device.type == "cuda"
-                    if gpu and stream is None:
-                        stream = torch.cuda.Stream(priority=-1)
-                    ctx = torch.cuda.stream(stream) if gpu else contextlib.nullcontext()
-                    with ctx:
-                        if event is not None:
-                            stream.wait_event(event)
-                        task = self.store.dump_into(store_ids, lambda pages, slots, which: self.xfer.to_host(
-                            [vids[i] for i in which], pages, slots), cuda=gpu)
-                        self.store.wait(task)
-                    self.store.commit(store_ids, [i not in task.errors for i in range(len(store_ids))])
-                    s = self._stats.data
-                    s["saved_blocks"] += len(store_ids) - len(task.errors)
-                    s["save_failures"] += len(task.errors)
-                    s["save_bytes"] += (len(store_ids) - len(task.errors)) * self.page_size
-                    s["save_seconds"] += time.perf_counter() - t0
-                    log_save.debug("req %s: saved %d blocks in %.1f ms", req_id, len(store_ids) - len(task.errors),
-                                   1e3 * (time.perf_counter() - t0))
-            except Exception as e:  # noqa: BLE001 - a failed save is a future miss, never a crash
-                log_save.error("req %s: save of %d blocks failed: %s: %s", req_id, len(ids), type(e).__name__, e)
-                self._stats.data["save_failures"] += len(ids)
-            finally:
-                with self._cv:
-                    self._pending[req_id] -= 1
-                    self._cv.notify_all()
+            self._save(*item)
+
+    def _save(self, req_id: str, ids: list[bytes], vids: list[int], event: "torch.cuda.Event | None") -> None:
+        """Copy one request's new blocks into the host tier and commit them; never raises."""
+        try:
+            t0 = time.perf_counter()
+            store_ids = self._ids_for_rank(ids, self.rank)
+            if self.mla and self.rank != 0:
+                store_ids = []  # MLA: identical KV on every rank; rank 0 saves it
+            if store_ids:
+                ctx = contextlib.nullcontext()
+                if event is not None:
+                    if self._save_stream is None:
+                        self._save_stream = torch.cuda.Stream(priority=-1)
+                    ctx = torch.cuda.stream(self._save_stream)
+                with ctx:
+                    if event is not None:
+                        self._save_stream.wait_event(event)
+                    task = self.store.dump_into(store_ids, lambda pages, slots, which: self.xfer.to_host(
+                        [vids[i] for i in which], pages, slots), cuda=event is not None)
+                    self.store.wait(task)
+                self.store.commit(store_ids, [i not in task.errors for i in range(len(store_ids))])
+                s = self._stats.data
+                s["saved_blocks"] += len(store_ids) - len(task.errors)
+                s["save_failures"] += len(task.errors)
+                s["save_bytes"] += (len(store_ids) - len(task.errors)) * self.page_size
+                s["save_seconds"] += time.perf_counter() - t0
+                log_save.debug("req %s: saved %d blocks in %.1f ms", req_id, len(store_ids) - len(task.errors),
+                               1e3 * (time.perf_counter() - t0))
+        except Exception as e:  # noqa: BLE001 - a failed save is a future miss, never a crash
+            log_save.error("req %s: save of %d blocks failed: %s: %s", req_id, len(ids), type(e).__name__, e)
+            self._stats.data["save_failures"] += len(ids)
+        finally:
+            with self._cv:
+                self._pending[req_id] -= 1
+                self._cv.notify_all()
 
     def _fence(self, req_ids) -> None:
         """Wait until the saves of these requests finished (their blocks may be reused next)."""
@@ -481,6 +643,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
         return (done or None), None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
+        self._finish_layered()
         bad, self._load_errors = self._load_errors, set()
         return bad
 
@@ -488,6 +651,9 @@ class UCMDirectConnector(KVConnectorBase_V1):
         if self._stats.is_empty():
             return None
         out, self._stats = self._stats, UCMConnectorStats()
+        for k, v in out.data.items():
+            self._totals[k] = self._totals.get(k, 0) + v
+        self._write_counters()
         return out
 
     @classmethod
@@ -500,6 +666,11 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self._saver.join(timeout=60)
         if self._store is not None:
             self._store.flush(timeout=60)
+            for k, v in self._stats.data.items():
+                self._totals[k] = self._totals.get(k, 0) + v
+            self._stats.reset()
+            self._write_counters(force=True)
+            self.journal.close()
 
 
 class UCMConnector(UCMDirectConnector):

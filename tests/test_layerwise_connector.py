@@ -1,0 +1,75 @@
+"""Layer-wise SSD loads through a worker connector built from real vLLM objects (debug_connector)."""
+
+import os
+
+import pytest
+import torch
+
+from ucm.integration.vllm.debug import debug_connector
+from ucm.integration.vllm.model_export import ensure_model
+from ucm.integration.vllm.ucm_connector import RequestMeta, UCMConnectorMetadata
+from ucm.tiers.store import close_shared
+
+pytestmark = pytest.mark.vllm
+BLOCKS = 4
+
+
+def _cfg(root, host):
+    return {"host": {"capacity": "64MiB", "path": os.path.join(root, host)},
+            "ssd": {"path": os.path.join(root, "ssd"), "capacity": "256MiB"}}
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """BLOCKS blocks saved by one worker and flushed to the SSD; returns (root, ids, their bytes)."""
+    w = debug_connector(ensure_model(), "worker", _cfg(tmp_path, "host-a"))
+    ids = [os.urandom(16) for _ in range(BLOCKS)]
+    for kv in w.kv_caches.values():
+        kv[:BLOCKS].copy_(torch.randn_like(kv[:BLOCKS]))
+    pages = {name: kv[:BLOCKS].clone() for name, kv in w.kv_caches.items()}
+    w.bind_connector_metadata(UCMConnectorMetadata(requests=[RequestMeta("r", dump_block_ids=(ids, list(range(BLOCKS))))]))
+    w.wait_for_save()
+    w.clear_connector_metadata()
+    w.shutdown()
+    close_shared()
+    return tmp_path, ids, pages
+
+
+def _load(root, ids, host, wait_layers, whole=BLOCKS):
+    w = debug_connector(ensure_model(), "worker", _cfg(root, host))
+    assert w._layer_plan is not None and len(w._layer_plan.groups) > 2
+    dst = list(range(10, 10 + BLOCKS))
+    w.bind_connector_metadata(UCMConnectorMetadata(requests=[
+        RequestMeta("r2", load_block_ids=(ids, dst), load_whole_blocks=whole)]))
+    w.start_load_kv(None)
+    layered = w._layered is not None
+    for name in list(w.kv_caches)[:wait_layers]:
+        w.wait_for_layer_load(name)
+    errors = w.get_block_ids_with_load_errors()
+    w.clear_connector_metadata()
+    return w, dst, errors, layered
+
+
+def test_every_layer_awaited_loads_exact_bytes(stored):
+    root, ids, pages = stored
+    w, dst, errors, layered = _load(root, ids, "host-b", wait_layers=10**6)
+    assert layered and errors == set()
+    for name, kv in w.kv_caches.items():
+        assert torch.equal(kv[dst], pages[name]), name
+    assert w._totals["ssd_hit_blocks"] == 0 and w._stats.data["ssd_hit_blocks"] == BLOCKS
+
+
+def test_a_partly_covered_last_block_loads_whole_before_the_forward_pass(stored):
+    root, ids, pages = stored
+    w, dst, errors, _ = _load(root, ids, "host-c", wait_layers=10**6, whole=BLOCKS - 1)
+    assert errors == set()
+    for name, kv in w.kv_caches.items():
+        assert torch.equal(kv[dst], pages[name]), name
+
+
+def test_layers_not_awaited_fail_the_blocks_and_turn_layerwise_off(stored):
+    """If a model's attention never calls wait_for_layer_load, the step's output must not be used."""
+    root, ids, _ = stored
+    w, dst, errors, layered = _load(root, ids, "host-d", wait_layers=3)
+    assert layered and errors == set(dst)
+    assert w._layer_plan is None, "later loads are whole, before the forward pass"

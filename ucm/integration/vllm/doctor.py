@@ -1,0 +1,192 @@
+"""`ucm doctor`: why did this prompt not hit the cache?
+
+Given a configuration and a prompt (token ids, or text and the model's tokenizer), report where each of
+the prompt's full blocks is (host tier, SSD tier, nowhere) under every chain root the store has seen,
+and name the likely reasons for misses:
+
+- store empty                       nothing was ever saved under this configuration's paths
+- prompt shorter than a block       only full blocks are cached
+- different root seed               the store's blocks were made by another model, dtype, block size,
+                                    KV layout or TP size (the differing fields are named)
+- cache_salt                        the stored requests used a salt (a tenant key): same salt, or no hit
+- prompt diverges                   the first k blocks are stored, then the prompt differs from them
+- vLLM's own prefix cache           the blocks are stored, but vLLM already had them (the journal shows
+                                    it), so ucm had nothing to load
+- patches disabled                  UCM_DISABLE_PATCHES=1 (on vLLM 0.32 this slows SSD loads, it does
+                                    not cause misses)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from ucm.config import UCMConfig
+from ucm.hashing import HashSeed, RequestHasher
+from ucm.integration.vllm.journal import read_lookups, read_seeds
+
+SEED_FIELDS = ("model", "dtype", "kv_layout", "block_size", "tp_size", "extra", "format_version")
+
+
+@dataclass
+class Diagnosis:
+    tokens: int
+    seeds: dict[str, dict]  # root prefix -> seed fields, as recorded in the store's journal
+    where: dict[str, list[str]] = field(default_factory=dict)  # root prefix -> per block: host/ssd/none
+    reasons: list[str] = field(default_factory=list)
+    store_blocks: dict[str, int] = field(default_factory=dict)  # tier -> blocks
+    lookups: list[dict] = field(default_factory=list)  # the connector's journal of scheduler lookups
+
+    def best(self) -> tuple[str, list[str]] | None:
+        if not self.where:
+            return None
+        return max(self.where.items(), key=lambda kv: sum(w != "none" for w in kv[1]))
+
+
+def _leading(where: list[str]) -> int:
+    n = 0
+    while n < len(where) and where[n] != "none":
+        n += 1
+    return n
+
+
+def _store_pages(config: UCMConfig) -> list[int]:
+    """Page sizes the store holds data for (one subdirectory p<bytes> per page size)."""
+    from ucm.tiers.store import _default_host_path
+
+    roots = [_default_host_path(config) if config.host.path == "auto" else config.host.path]
+    if config.ssd:
+        roots.append(config.ssd.path)
+    pages = set()
+    for root in roots:
+        if os.path.isdir(root):
+            pages |= {int(d[1:]) for d in os.listdir(root) if d.startswith("p") and d[1:].isdigit()}
+    return sorted(pages)
+
+
+def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, dtype: str | None = None,
+             block_size: int | None = None, tp_size: int | None = None, salt: str | None = None) -> Diagnosis:
+    """Look the prompt up under every recorded root; model/dtype/block_size/tp_size: what the user's
+    vLLM runs with (those given are compared with what the store holds)."""
+    from ucm.tiers import TieredStore
+
+    seeds: dict[str, dict] = {}
+    diag = Diagnosis(len(tokens), seeds)
+    for page in _store_pages(config):
+        with TieredStore(config, page) as store:
+            seeds.update(read_seeds(store.storage_path))
+            diag.lookups += read_lookups(store.storage_path)
+            for tier, u in store.usage().items():
+                diag.store_blocks[tier] = diag.store_blocks.get(tier, 0) + u["blocks"]
+            for root, fields in read_seeds(store.storage_path).items():
+                seed = HashSeed(**{k: fields[k] for k in SEED_FIELDS if k in fields},
+                                tp_rank=fields.get("tp_rank", 0))
+                ids = RequestHasher(seed).generate_block_hashes(tokens, salt=salt)
+                if ids:
+                    diag.where[root] = [w or "none" for w in store.where(ids)]
+    _explain(diag, config, tokens, model=model, dtype=dtype, block_size=block_size, tp_size=tp_size, salt=salt)
+    return diag
+
+
+def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> None:
+    r = diag.reasons
+    salt = want.pop("salt")
+    if os.environ.get("UCM_DISABLE_PATCHES", "") not in ("", "0"):
+        r.append("patches disabled (UCM_DISABLE_PATCHES=1): on vLLM 0.32 this does not cause misses; it makes "
+                 "layer-wise SSD loads go through a bounce buffer")
+    if not sum(diag.store_blocks.values()):
+        r.append(f"store empty: no blocks under {config.host.path}" + (f" or {config.ssd.path}" if config.ssd else "")
+                 + " (nothing saved yet, or vLLM ran with another UCM_CONFIG_FILE / storage path)")
+        return
+    sizes = {f.get("block_size") for f in diag.seeds.values()}
+    bs = want.get("block_size") or (min(sizes) if sizes else None)
+    if bs and len(tokens) < bs:
+        r.append(f"prompt shorter than a block: {len(tokens)} tokens < block_size {bs}; only full blocks are cached")
+    mismatched = _seed_mismatch(diag.seeds, want)
+    if mismatched:
+        r.append(mismatched)
+    best = diag.best()
+    if best is None:
+        return
+    root, where = best
+    found, lead = sum(w != "none" for w in where), _leading(where)
+    lookups = [x for x in diag.lookups if x.get("seed") == root]
+    bs = diag.seeds[root].get("block_size", bs)
+    if found == 0:
+        salted = [x for x in lookups if x.get("salted")]
+        if salt is None and salted:
+            r.append(f"cache_salt: {len(salted)} of the {len(lookups)} recorded requests used a cache_salt; blocks "
+                     "saved under a salt only hit requests with the same salt (pass --salt)")
+        elif not mismatched:
+            r.append("not stored: none of the prompt's blocks is in the store under any recorded root "
+                     "(never sent, evicted, or the text/tokenization differs)")
+        return
+    if lead < len(where):
+        r.append(f"prompt diverges: blocks 0..{lead - 1} are stored, block {lead} is not: the prompt differs from "
+                 f"the stored ones at or after token {lead * bs}" if lead else
+                 "first block missing: a block inside the prompt is stored but the chain breaks at block 0")
+    first = _first_id(diag, root, tokens, salt)
+    mine = [x for x in lookups if x.get("first") == first]
+    if mine and found:
+        last = mine[-1]
+        if last.get("vllm", 0) and last.get("load_tokens", 0) == 0:
+            r.append(f"vLLM's own prefix cache took the hit: the last lookup of this prompt found {last['vllm']} "
+                     f"blocks already computed by vLLM, so ucm had nothing to load "
+                     f"(vllm:prompt_tokens_by_source{{source=local_cache_hit}} counts them)")
+    if found == len(where) and not r:
+        r.append(f"all {found} full blocks are stored: the next request with this prompt loads "
+                 f"{min(found * bs, len(tokens) - 1)} tokens from ucm")
+
+
+def _first_id(diag: Diagnosis, root: str, tokens: list[int], salt: str | None) -> str:
+    f = diag.seeds[root]
+    seed = HashSeed(**{k: f[k] for k in SEED_FIELDS if k in f}, tp_rank=f.get("tp_rank", 0))
+    ids = RequestHasher(seed).generate_block_hashes(tokens[:seed.block_size], salt=salt)
+    return ids[0].hex() if ids else ""
+
+
+def _seed_mismatch(seeds: dict[str, dict], want: dict) -> str:
+    """A sentence naming the fields the user's setup differs in from every recorded root, or ''."""
+    given = {k: v for k, v in want.items() if v is not None}
+    if not given or not seeds:
+        return ""
+
+    def differs(f: dict) -> list[str]:
+        out = []
+        for k, v in given.items():
+            have = f.get(k)
+            if k == "model":
+                ok = str(have).split("@")[0].rstrip("/").endswith(str(v).rstrip("/"))
+            elif k == "dtype":
+                ok = str(have).split("/")[0] == str(v)
+            else:
+                ok = have == v
+            if not ok:
+                out.append(f"{k}: store has {have}, you run {v}")
+        return out
+
+    diffs = [differs(f) for f in seeds.values()]
+    if any(not d for d in diffs):
+        return ""
+    closest = min(diffs, key=len)
+    return "different root seed: the store's blocks were made with another setup (" + "; ".join(closest) + ")"
+
+
+def report(diag: Diagnosis) -> str:
+    lines = ["=== UCM Doctor ===", ""]
+    lines.append("store: " + (", ".join(f"{t} {n} blocks" for t, n in diag.store_blocks.items()) or "nothing"))
+    for root, f in diag.seeds.items():
+        lines.append(f"root {root}: model={f.get('model')} dtype={f.get('dtype')} layout={f.get('kv_layout')} "
+                     f"block_size={f.get('block_size')} tp={f.get('tp_size')}")
+    lines.append(f"prompt: {diag.tokens} tokens")
+    best = diag.best()
+    if best:
+        root, where = best
+        counts = {t: where.count(t) for t in ("host", "ssd", "none")}
+        lines.append(f"blocks under root {root}: {len(where)} full; host {counts['host']}, ssd {counts['ssd']}, "
+                     f"missing {counts['none']}")
+        lines.append("  " + " ".join(w[0].upper() if w != "none" else "." for w in where)
+                     + "   (H host, S ssd, . missing)")
+    lines.append("")
+    lines += [f"- {x}" for x in diag.reasons] or ["- no reason for a miss found"]
+    return "\n".join(lines)
