@@ -9,6 +9,7 @@ import torch
 
 from storekit import bid, config, dump_commit, page_bytes
 from ucm.tiers import TieredStore
+from ucm.tiers import aio
 from ucm.tiers.ranged import DIRECT_ALIGN, PageRange, RangedLoad
 
 LAYERS, SEG = 6, 8192  # a page of 6 "layers" of 8 KiB each
@@ -49,13 +50,14 @@ def _slab_of(store, block_id):
     return store.ssd.slots.slab_path(slot // per), (slot % per) * store.ssd.slot_size
 
 
-@pytest.mark.parametrize("aligned", [True, False], ids=["straight-into-memory", "bounce-buffer"])
+@pytest.mark.parametrize("aligned", [True, False], ids=["aio-straight-into-memory", "threads-bounce-buffer"])
 def test_groups_land_in_scattered_rows_and_verify(tmp_path, aligned):
     ids = _stored(tmp_path, 5)
     kv = KV(12, aligned)
     rows = [9, 2, 11, 0, 5]  # vLLM block ids: any order
     with TieredStore(config(tmp_path, ssd="8MiB", host_dir="host-fresh"), PAGE) as s, ThreadPoolExecutor(4) as pool:
         load = RangedLoad(s.ssd, ids, GROUPS, kv.dest(rows), PAGE, pool)
+        assert (load._aio is not None) == (aligned and aio.available()), "aligned memory takes Linux AIO"
         for g in range(len(GROUPS)):
             load.wait_group(g)
             for i, row in enumerate(rows):  # every range of the group is in place once it is done

@@ -116,7 +116,13 @@ class RangedLoad:
             if pinned is None:
                 self.errors[i] = "not in the SSD tier (evicted, or never stored)"
         self._pool = pool
-        self._aio = self._start_aio()
+        try:
+            self._aio = self._start_aio()
+        except Exception:
+            for pinned in self._pins:  # nothing was submitted: give the slots back before failing
+                if pinned is not None:
+                    ssd.unpin(pinned[0])
+            raise
         if self._aio is None:
             self._futures = [pool.submit(self._read, i, g) for g in range(len(groups)) for i in range(len(self.ids))]
 
@@ -137,7 +143,11 @@ class RangedLoad:
                     if any(a % DIRECT_ALIGN or n % DIRECT_ALIGN for a, n in iov):
                         return None
                     reads.append((len(reads), fd, base + run[0].page_offset, iov, i, g, sum(n for _, n in iov)))
-        ctx = aio.acquire(AIO_WINDOW)
+        try:
+            ctx = aio.acquire(AIO_WINDOW)
+        except OSError as e:  # e.g. the system-wide aio-max-nr is used up: I/O threads instead
+            log.warning("no AIO context (%s); layer-wise reads use I/O threads", e)
+            return None
         self._reads, self._next, self._futures = reads, 0, []
         for g in range(len(self.groups)):  # groups with nothing to read (every block failed) are done
             self._left[g] = sum(1 for (_, gg) in self._runs_left if gg == g)

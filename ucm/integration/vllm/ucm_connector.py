@@ -4,9 +4,10 @@ Scheduler side (one per engine): hashes each request's full blocks with `Request
 in the store beyond what vLLM's own prefix cache has, and sends the worker, per step, the blocks to load
 and the blocks to save, as (ucm ids, vLLM block ids) pairs: `load_block_ids` and `dump_block_ids`.
 
-Worker side (one per rank): detects the KV layout from the registered tensors, loads whole requests in
-`start_load_kv` (before the forward pass), and saves newly full blocks after the forward pass on a
-background thread (`wait_for_save` only enqueues). A request whose saves are in flight keeps its blocks
+Worker side (one per rank): detects the KV layout from the registered tensors; loads in `start_load_kv`,
+before the forward pass, except SSD hits on a CPU KV cache, which are read layer group by layer group
+while it runs (`wait_for_layer_load`); saves newly full blocks after the forward pass (GPU: on a
+background thread and stream; CPU: inline in `wait_for_save`). A request whose saves are in flight keeps its blocks
 (`request_finished` returns True until the worker reports it done); a preempted request's saves are
 fenced before its blocks can be reused. A block that fails to load is reported through
 `get_block_ids_with_load_errors`, and vLLM recomputes from there.
@@ -472,8 +473,13 @@ class UCMDirectConnector(KVConnectorBase_V1):
         if layered:
             plan = self._layer_plan
             lids, lvids = [store_ids[k] for k in layered], [vids[k] for k in layered]
-            self._layered = (RangedLoad(self.store.ssd, lids, plan.groups, lambda i, r: plan.address(lvids[i], r),
-                                        self.page_size, self._layer_pool), lvids, t0)
+            try:
+                self._layered = (RangedLoad(self.store.ssd, lids, plan.groups, lambda i, r: plan.address(lvids[i], r),
+                                            self.page_size, self._layer_pool), lvids, t0)
+            except Exception as e:  # noqa: BLE001 - fall back to whole loads, never fail the step
+                log_load.error("layer-wise load could not start (%s: %s); loading whole", type(e).__name__, e)
+                layered = []
+        if layered:
             skip = set(layered)
             rest = [k for k in range(len(ids)) if k not in skip]
             store_ids, vids = [store_ids[k] for k in rest], [vids[k] for k in rest]
