@@ -104,40 +104,61 @@ def run(spec: dict) -> dict:
     return json.loads(line[4:])
 
 
+def ttft_rounds(n: int, rounds: int):
+    """TTFT of every configuration at prompt length n. The stores are written once by cold runs; then
+    each round measures the floor and every warm configuration back to back (this machine's speed drifts
+    between minutes, so ratios are taken within rounds). Returns (n, medians, ucm external tokens,
+    Example external tokens, Example crash)."""
+    root = tempfile.mkdtemp(prefix="ucm-e2e-", dir=os.path.expanduser("~"))
+    shm = os.path.join("/dev/shm", os.path.basename(root))
+
+    def ucm_extra(host: str, layerwise: bool = True) -> dict:
+        return {"host": {"capacity": "2GiB", "path": f"{shm}-{host}"},
+                "ssd": {"path": os.path.join(root, "ssd"), "capacity": "8GiB"},
+                "transfer": {"layerwise_load": layerwise}}
+
+    host_only = {"host": {"capacity": "2GiB", "path": f"{shm}-kept", "keep_after_exit": True}}
+
+    ttft = {"mode": "ttft", "length": n, "prefix_caching": False}
+    example = {"shared_storage_path": os.path.join(root, "example")}
+    res = {"nocache": [run(ttft)],
+           "ucm_cold": [run({**ttft, "connector": "UCMConnector", "extra": ucm_extra("cold")})],
+           "ucm_host_cold": [run({**ttft, "connector": "UCMConnector", "extra": host_only})],
+           "example_cold": [run_or_crash({**ttft, "connector": "ExampleConnector", "extra": example})]}
+    for r in range(rounds):
+        round_res = {"floor": run({**ttft, "prefix_caching": True, "repeat": 2})}
+        for name, extra in (("ucm", ucm_extra(f"r{r}")), ("ucm_whole", ucm_extra(f"w{r}", layerwise=False)),
+                            ("ucm_host", host_only)):
+            drop_page_cache(root)  # every SSD read comes from the disk; ucm_host reads shared memory
+            round_res[name] = run({**ttft, "connector": "UCMConnector", "extra": extra})
+            if name != "ucm_host":  # the next warm SSD process starts with an empty host tier again
+                shutil.rmtree(extra["host"]["path"], ignore_errors=True)
+        drop_page_cache(root)
+        round_res["example"] = run_or_crash({**ttft, "connector": "ExampleConnector", "extra": example})
+        for k, v in round_res.items():
+            res.setdefault(k, []).append(v)
+    shutil.rmtree(root, ignore_errors=True)
+    for d in (f"{shm}-cold", f"{shm}-kept"):
+        shutil.rmtree(d, ignore_errors=True)
+    med = {k: statistics.median(statistics.median(x["ttft"]) for x in v) * 1e3 for k, v in res.items()}
+    med["ucm_ratio"] = statistics.median(statistics.median(u["ttft"]) / statistics.median(f["ttft"])
+                                         for u, f in zip(res["ucm"], res["floor"]))
+    return n, med, res["ucm"][-1]["external"], res["example"][-1]["external"], res["example"][-1].get("crash")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
     ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 8000])
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     if args.child:
         print("E2E " + json.dumps(child(json.loads(args.child))), flush=True)
         os._exit(0)
     rows = []
     for n in args.lengths:
-        res = {"nocache": run({"mode": "ttft", "length": n, "prefix_caching": False}),
-               "floor": run({"mode": "ttft", "length": n, "prefix_caching": True, "repeat": 2})}
-        for name, conn in (("ucm", "UCMConnector"), ("ucm_whole", "UCMConnector"), ("ucm_host", "UCMConnector"),
-                           ("example", "ExampleConnector")):
-            root = tempfile.mkdtemp(prefix="ucm-e2e-", dir=os.path.expanduser("~"))
-            shm = os.path.join("/dev/shm", os.path.basename(root))
-            if name.startswith("ucm"):
-                extra = {"host": {"capacity": "2GiB", "path": shm, "keep_after_exit": name == "ucm_host"},
-                         "ssd": {"path": os.path.join(root, "ssd"), "capacity": "8GiB"},
-                         "transfer": {"layerwise_load": name != "ucm_whole"}}
-            else:
-                extra = {"shared_storage_path": os.path.join(root, "example")}
-            cold = run_or_crash({"mode": "ttft", "length": n, "prefix_caching": False, "connector": conn,
-                                 "extra": extra})
-            drop_page_cache(root)
-            warm = run_or_crash({"mode": "ttft", "length": n, "prefix_caching": False, "connector": conn,
-                                 "extra": extra})
-            res[name] = warm
-            res[name + "_cold"] = cold
-            shutil.rmtree(root, ignore_errors=True)
-            shutil.rmtree(shm, ignore_errors=True)
-        med = {k: statistics.median(v["ttft"]) * 1e3 for k, v in res.items()}
-        rows.append((n, med, res["ucm"]["external"], res["example"]["external"], res["example"].get("crash")))
-        print(n, med, flush=True)
+        rows.append(ttft_rounds(n, args.rounds))
+        print(n, rows[-1][1], flush=True)
     bases, conns = [], []
     for rep in range(3):  # alternate processes: this machine's speed drifts between minutes
         bases += run({"mode": "batch", "prefix_caching": False})["seconds"][1:]
@@ -154,20 +175,24 @@ def main() -> None:
            f"Machine: {os.cpu_count()} cores ({cpu}); date {datetime.date.today()}; vLLM CPU 0.32.0, bf16, block 128, "
            "VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=0 in every run.",
            "Command: `.venv/bin/python bench/e2e.py`. Each configuration runs in fresh processes; TTFT = wall time "
-           "of generate(max_tokens=1), median of 4 prompts of real text. For ucm and ExampleConnector the page "
-           "cache of the stored files is dropped (posix_fadvise DONTNEED) between the cold and the warm process, "
-           "and ucm's warm process starts with an empty host tier: its blocks are read from the disk.", "",
+           "of generate(max_tokens=1), median of 4 prompts of real text. Cold processes write the stores once; "
+           "then 3 rounds each measure the floor and every warm configuration back to back, and each cell is the "
+           "median over the rounds (ucm / floor: the median of the per-round ratios). Before every warm process "
+           "the page cache of the stored files is dropped (posix_fadvise DONTNEED), and ucm's warm SSD processes "
+           "start with an empty host tier: their blocks are read from the disk.", "",
            "ucm warm, SSD: the default, SSD hits read layer group by layer group while the forward pass runs "
            "(`transfer.layerwise_load: true`); ucm whole: the same with whole-request loads before the forward pass. "
-           "ucm (host tier) keeps the host tier between the two processes (`keep_after_exit: true`): its warm "
-           "process loads from shared memory, which isolates the connector's overhead from the disk.", "",
+           "ucm (host tier) is a host-only configuration whose tier outlives its processes (`keep_after_exit: "
+           "true`): its warm processes load from shared memory, which isolates the connector's cost from the disk.",
+           "",
            "| prompt tokens | no cache ms | vLLM in-memory hit (floor) ms | ucm warm, SSD ms | ucm / floor | "
            "ucm warm, SSD, whole ms | ucm warm, host tier ms | ExampleConnector warm ms | ucm external tokens | "
            "Example external tokens |",
            "|---|---|---|---|---|---|---|---|---|---|"]
     for n, m, ue, ee, crash in rows:
         ex = f"crashed: {crash}" if crash else f"{m['example']:.1f}"
-        out.append(f"| {n} | {m['nocache']:.0f} | {m['floor']:.1f} | {m['ucm']:.1f} | {m['ucm'] / m['floor']:.2f}x | "
+        m.setdefault("example", float("nan"))
+        out.append(f"| {n} | {m['nocache']:.0f} | {m['floor']:.1f} | {m['ucm']:.1f} | {m['ucm_ratio']:.2f}x | "
                    f"{m['ucm_whole']:.1f} | {m['ucm_host']:.1f} | {ex} | {ue} | {ee} |")
     ratio = base / conn
     out += ["", "## Overhead when nothing hits", "",

@@ -139,3 +139,17 @@ def test_verify_with_patches_disabled_and_with_a_broken_config(tmp_path):
     p = subprocess.run(VERIFY[:-1] + ["--config", str(bad), "verify"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1
     assert "Config: ERROR" in p.stdout and "host.capacity" in p.stdout
+
+
+def test_verify_when_vllm_was_imported_before_ucm():
+    code = """
+    import vllm.v1.worker.gpu_model_runner  # vLLM first, as a serving script might
+    from ucm.integration.vllm.verify import verify
+    checks, code = verify()
+    print("LINES " + "|".join(f"{c.title}={c.status}" for c in checks[:5]) + f" CODE {code}")
+    """
+    p = _python(code)
+    line = next((l for l in p.stdout.splitlines() if l.startswith("LINES ")), None)
+    assert line, p.stderr[-3000:]
+    assert line == ("LINES Import Hook=INSTALLED|SchedulerOutput patch=NOT NEEDED|Attention patch=NOT NEEDED|"
+                    "UCMDirectConnector=AVAILABLE|KV cache allocation patch=APPLIED CODE 0")

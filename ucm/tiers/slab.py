@@ -87,6 +87,8 @@ class MemorySlots:
         self._ready: set[int] = set()  # chunks known to be allocated
         self._ahead = threading.Lock()  # one background preparation at a time
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8).view(num_slots, slot_size)
+        # the first chunks, while the caller is still starting up: a first save must not pay for them
+        threading.Thread(target=self._prepare_ahead, args=(1,), name="ucm-prefault", daemon=True).start()
         self.pinned = False
         if torch.cuda.is_available():
             fs = filesystem_type(self.path)

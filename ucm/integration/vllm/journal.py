@@ -4,7 +4,8 @@
                                  blocks, blocks ucm had, blocks vLLM's own prefix cache had, tokens
                                  loaded, whether a cache_salt was used (never the salt itself)
 <storage>/journal/<role>-<pid>.json  cumulative counters and recent errors of one process, rewritten
-                                 at most once a second and at shutdown
+                                 at most once a second and at shutdown (the newest 8 stopped
+                                 processes are kept)
 <storage>/journal/seed-<root>.json   the HashSeed (model, dtype, layout, block size, TP) of each chain root
 
 Writing is best-effort: a journal that cannot be written never fails a request.
@@ -12,6 +13,7 @@ Writing is best-effort: a journal that cannot be written never fails a request.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -22,6 +24,7 @@ from ucm.logger import get_logger
 log = get_logger("Connector")
 LOOKUPS = "lookups.jsonl"
 MAX_LOOKUP_BYTES = 4 << 20  # then lookups.jsonl becomes lookups.jsonl.1
+KEEP_STOPPED = 8  # counter files of stopped processes kept
 
 
 def journal_dir(storage_path: str) -> str:
@@ -37,8 +40,17 @@ class Journal:
         self._broken = False
         try:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            self._prune()
         except OSError as e:
             self._disable(e)
+
+    def _prune(self) -> None:
+        """Drop the counters of stopped processes beyond the newest KEEP_STOPPED."""
+        stopped = sorted((r for r in read_counters(os.path.dirname(self.dir)) if not r["alive"]),
+                         key=lambda r: r.get("time", 0))
+        for r in stopped[:-KEEP_STOPPED] if len(stopped) > KEEP_STOPPED else ():
+            with contextlib.suppress(OSError):
+                os.unlink(r["path"])
 
     def _disable(self, e: OSError) -> None:
         if not self._broken:
@@ -135,6 +147,7 @@ def read_counters(storage_path: str) -> list[dict]:
         except (OSError, ValueError):
             continue
         rec["role"] = name.rsplit("-", 1)[0]
+        rec["path"] = os.path.join(d, name)
         try:
             os.kill(int(rec.get("pid", -1)), 0)
             rec["alive"] = True
