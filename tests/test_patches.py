@@ -129,7 +129,10 @@ def test_verify_reports_every_line_with_patches_on(tmp_path):
 
 
 def test_verify_with_patches_disabled_and_with_a_broken_config(tmp_path):
-    p = subprocess.run(VERIFY, capture_output=True, text=True, timeout=300, env=dict(os.environ, UCM_DISABLE_PATCHES="1"))
+    cfg = tmp_path / "ucm.yaml"
+    cfg.write_text(f"host: {{capacity: 64MiB, path: {tmp_path}/host}}\nssd: {{path: {tmp_path}/ssd, capacity: 64MiB}}\n")
+    p = subprocess.run(VERIFY[:-1] + ["--config", str(cfg), "verify"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, UCM_DISABLE_PATCHES="1"))
     assert "1. Import Hook: DISABLED (UCM_DISABLE_PATCHES=1)" in p.stdout
     assert "5. KV cache allocation patch: DISABLED (UCM_DISABLE_PATCHES=1: layer-wise SSD reads go through a bounce" \
         in p.stdout

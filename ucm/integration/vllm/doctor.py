@@ -98,6 +98,9 @@ def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> N
         r.append(f"store empty: no blocks under {config.host.path}" + (f" or {config.ssd.path}" if config.ssd else "")
                  + " (nothing saved yet, or vLLM ran with another UCM_CONFIG_FILE / storage path)")
         return
+    if not diag.seeds:
+        r.append("no recorded chain roots: the store's blocks were written without a journal (an older ucm, or "
+                 "the journal directory was not writable), so doctor cannot recompute their ids")
     sizes = {f.get("block_size") for f in diag.seeds.values()}
     bs = want.get("block_size") or (min(sizes) if sizes else None)
     if bs and len(tokens) < bs:
