@@ -133,3 +133,31 @@ def disk_full_child(root: str, fsize_limit: int, q) -> None:
            "found_first": found_first, "failed": failed, "wrong": wrong,
            "on_ssd": sum(w == "ssd" or w == "host" for w in store.where(more))})
     store.close()
+
+
+# ---- damaging stored pages ------------------------------------------------------------------------
+def slab_of(store: TieredStore, block_id: bytes) -> tuple[str, int]:
+    """(slab file, byte offset) of a block committed to the store's SSD tier."""
+    slots = store.ssd.slots
+    slot = store.ssd.index.entries[block_id].slot
+    return slots.slab_path(slot // slots.slots_per_slab), (slot % slots.slots_per_slab) * slots.slot_size
+
+
+def flip_bits(path: str, offset: int, mask: int = 0x01) -> None:
+    """XOR one byte of a file with mask."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ mask]))
+
+
+def perturb(path: str, offset: int, size: int, seed: int = 0) -> None:
+    """Add 1 (mod 256) to 1% of the bytes [offset, offset + size) of a file, as a perturbed KV would be."""
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        data = bytearray(f.read(size))
+        for k in random.Random(seed).sample(range(size), size // 100):
+            data[k] = (data[k] + 1) % 256
+        f.seek(offset)
+        f.write(data)

@@ -1,15 +1,13 @@
 """RangedLoad: SSD pages read group by group into scattered memory, verified per page."""
 
 import os
-import random
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
-from storekit import bid, config, dump_commit, page_bytes
-from ucm.tiers import TieredStore
-from ucm.tiers import aio
+from storekit import bid, config, dump_commit, flip_bits, page_bytes, perturb, slab_of
+from ucm.tiers import TieredStore, aio
 from ucm.tiers.ranged import DIRECT_ALIGN, PageRange, RangedLoad
 
 LAYERS, SEG = 6, 8192  # a page of 6 "layers" of 8 KiB each
@@ -44,12 +42,6 @@ def _stored(tmp_path, n):
     return ids
 
 
-def _slab_of(store, block_id):
-    slot = store.ssd.index.entries[block_id].slot
-    per = store.ssd.slots.slots_per_slab
-    return store.ssd.slots.slab_path(slot // per), (slot % per) * store.ssd.slot_size
-
-
 @pytest.mark.parametrize("aligned", [True, False], ids=["aio-straight-into-memory", "threads-bounce-buffer"])
 def test_groups_land_in_scattered_rows_and_verify(tmp_path, aligned):
     ids = _stored(tmp_path, 5)
@@ -74,22 +66,12 @@ def test_groups_land_in_scattered_rows_and_verify(tmp_path, aligned):
 def test_corrupt_and_truncated_pages_are_reported_and_evicted(tmp_path):
     ids = _stored(tmp_path, 6)
     with TieredStore(config(tmp_path, ssd="8MiB", host_dir="host-a"), PAGE) as s:
-        flip_path, flip_off = _slab_of(s, ids[1])
-        pert_path, pert_off = _slab_of(s, ids[3])
+        flip_path, flip_off = slab_of(s, ids[1])
+        pert_path, pert_off = slab_of(s, ids[3])
         last = max(ids, key=lambda b: s.ssd.index.entries[b].slot)
-        cut_path, cut_off = _slab_of(s, last)
-    with open(flip_path, "r+b") as f:  # one bit in the last group of block 1
-        f.seek(flip_off + 5 * SEG + 77)
-        b = f.read(1)
-        f.seek(flip_off + 5 * SEG + 77)
-        f.write(bytes([b[0] ^ 0x10]))
-    with open(pert_path, "r+b") as f:  # 1% of block 3's bytes nudged by one
-        f.seek(pert_off)
-        data = bytearray(f.read(PAGE))
-        for k in random.Random(1).sample(range(PAGE), PAGE // 100):
-            data[k] = (data[k] + 1) % 256
-        f.seek(pert_off)
-        f.write(data)
+        cut_path, cut_off = slab_of(s, last)
+    flip_bits(flip_path, flip_off + 5 * SEG + 77, 0x10)  # one bit in the last group of block 1
+    perturb(pert_path, pert_off, PAGE, seed=1)  # 1% of block 3's bytes nudged by one
     os.truncate(cut_path, cut_off + SEG + 100)  # the last block loses its later groups
     kv = KV(6, aligned=True)
     with TieredStore(config(tmp_path, ssd="8MiB", host_dir="host-b"), PAGE) as s, ThreadPoolExecutor(4) as pool:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from conftest import run_child
-from storekit import (PAGE, bid, concurrent_worker, config, crash_writer, disk_full_child, dump_commit,
-                      load_check, verify_after_crash)
+from storekit import (PAGE, bid, concurrent_worker, config, crash_writer, disk_full_child, dump_commit, flip_bits,
+                      load_check, perturb, slab_of, verify_after_crash)
 from ucm.tiers import TieredStore
 
 CRASH_TRIALS = 50
@@ -47,24 +47,14 @@ def _store_on_disk_only(tmp_path, tag, ssd="8MiB"):
     return TieredStore(config(tmp_path, host_dir=f"host-{tag}", ssd=ssd), PAGE)
 
 
-def _slab_of(store, block_id):
-    slot = store.ssd.index.entries[block_id].slot
-    per = store.ssd.slots.slots_per_slab
-    return store.ssd.slots.slab_path(slot // per), (slot % per) * store.ssd.slot_size
-
-
 def test_flipped_byte_is_detected_and_reported_per_block(tmp_path):
     ids = [bid(i) for i in range(6)]
     with TieredStore(config(tmp_path), PAGE) as s:
         dump_commit(s, ids)
         s.flush()
     with _store_on_disk_only(tmp_path, "a") as s:
-        path, off = _slab_of(s, ids[2])
-    with open(path, "r+b") as f:
-        f.seek(off + 12345)
-        b = f.read(1)
-        f.seek(off + 12345)
-        f.write(bytes([b[0] ^ 0x01]))
+        path, off = slab_of(s, ids[2])
+    flip_bits(path, off + 12345)
     with _store_on_disk_only(tmp_path, "b") as s:
         dst = torch.zeros(6, PAGE, dtype=torch.uint8)
         t = s.load(ids, 0, dst)
@@ -80,14 +70,8 @@ def test_perturbed_page_is_caught_by_checksum(tmp_path):
     with TieredStore(config(tmp_path), PAGE) as s:
         dump_commit(s, ids)
         s.flush()
-        path, off = _slab_of(s, ids[0])
-    with open(path, "r+b") as f:
-        f.seek(off)
-        data = bytearray(f.read(PAGE))
-        for k in random.Random(0).sample(range(PAGE), PAGE // 100):
-            data[k] = (data[k] + 1) % 256
-        f.seek(off)
-        f.write(data)
+        path, off = slab_of(s, ids[0])
+    perturb(path, off, PAGE)
     with _store_on_disk_only(tmp_path, "c") as s:
         assert load_check(s, ids) == (1, 0)
 
@@ -97,7 +81,7 @@ def test_truncated_slab_is_detected(tmp_path):
     with TieredStore(config(tmp_path), PAGE) as s:
         dump_commit(s, ids)
         s.flush()
-        path, off = _slab_of(s, ids[7])
+        path, off = slab_of(s, ids[7])
     os.truncate(path, off + 100)
     with _store_on_disk_only(tmp_path, "d") as s:
         dst = torch.zeros(12, PAGE, dtype=torch.uint8)

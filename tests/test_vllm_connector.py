@@ -11,6 +11,7 @@ import struct
 
 import pytest
 
+from storekit import flip_bits
 from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
 
 pytestmark = pytest.mark.vllm
@@ -157,11 +158,7 @@ def test_corrupted_store_reports_load_errors_and_recomputes(ref, ref_split4, sto
     assert len(slots) >= A_BLOCKS
     if damage == "flip-first-block":
         path, off = _slot_place(tier, slots[0])
-        with open(path, "r+b") as f:
-            f.seek(off + 1000)
-            b = f.read(1)
-            f.seek(off + 1000)
-            f.write(bytes([b[0] ^ 0xFF]))
+        flip_bits(path, off + 1000, 0xFF)
         expected = ref["phases"][0]  # nothing survives: the no-cache result
     else:
         path, off = _slot_place(tier, slots[4])
