@@ -51,7 +51,22 @@ def test_sizes_with_units(text, sz):
     ("host: {capacity: 1GiB}\ntransfer: {gpu_mode: teleport}\n", "transfer.gpu_mode", "must be one of"),
     ("host: {capacity: 1GiB}\nssd: {path: '${UCM_SURELY_UNSET_VAR}/kv', capacity: 1GiB}\n", "ssd.path", "not set"),
     ("host: {capacity: 1GiB}\nssd: {capacity: 1GiB}\n", "ssd.path", "missing"),
-    ("ssd: {path: /tmp/x, capacity: 1GiB}\n", "host", "required"),
+    ("ssd: {path: /tmp/x, capacity: 1GiB}\nwrite_policy: write_back\n", "write_policy", "configure a `host`"),
+    ("io_threads: 2\n", "host", "at least one tier"),
+    ("remote: {key_prefix: 'a:'}\n", "remote.url", "missing"),
+    ("remote: {url: 'http://cache:6379'}\n", "remote.url", "scheme"),
+    ("remote: {url: 'redis://:6379'}\n", "remote.url", "no host name"),
+    ("remote: {url: 'redis://cache:port'}\n", "remote.url", "not a valid URL"),
+    ("remote: {url: 'redis://cache:6379/zero'}\n", "remote.url", "database number"),
+    ("remote: {url: [redis://a:7000, redis://b:7000]}\n", "remote.url", "cluster: true"),
+    ("remote: {url: [redis://a:7000, 'redis://b'], cluster: true}\n", "remote.url[1]", "needs a port"),
+    ("remote: {url: 'unix:///run/r.sock', cluster: true}\n", "remote.url", "over TCP"),
+    ("remote: {url: 'redis://a:1', key_prefix: 'my prefix'}\n", "remote.key_prefix", "without spaces"),
+    ("remote: {url: 'redis://a:1', timeout_ms: 0}\n", "remote.timeout_ms", "integer"),
+    ("remote: {url: 'redis://a:1', write_queue: 10}\n", "remote.write_queue", "unit"),
+    ("remote: {url: 'redis://a:1', tls_ca_file: /surely/not/here.pem}\n", "remote.tls_ca_file", "no such file"),
+    ("remote: {url: 'redis://a:1', password: '${UCM_SURELY_UNSET_VAR}'}\n", "remote.password", "not set"),
+    ("remote: {url: 'redis://a:1', passwd: x}\n", "remote.passwd", "unknown key"),
 ])
 def test_bad_values_name_file_key_and_value(tmp_path, yaml_text, key, needle):
     p = write(tmp_path, yaml_text)
@@ -80,3 +95,28 @@ def test_unwritable_path_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError) as ei:
         TieredStore(load_config(p), 4096)
     assert "'ssd.path'" in str(ei.value) and str(p) in str(ei.value) and "cannot create" in str(ei.value)
+
+
+@pytest.mark.parametrize("yaml_text,tiers", [
+    ("host: {capacity: 64MiB}\n", ("host",)),
+    ("ssd: {path: /tmp/x, capacity: 1GiB}\n", ("staging", "ssd")),
+    ("remote: {url: 'redis://10.0.0.5:6379/0'}\n", ("staging", "remote")),
+    ("host: {capacity: 64MiB}\nremote: {url: 'rediss://user:pw@10.0.0.5:6380/2'}\n", ("host", "remote")),
+    ("host: {capacity: 64MiB}\nssd: {path: /tmp/x, capacity: 1GiB}\n"
+     "remote: {url: [redis://10.0.0.5:7000, redis://10.0.0.6:7000], cluster: true}\n", ("host", "ssd", "remote")),
+])
+def test_tier_combinations(tmp_path, yaml_text, tiers):
+    """host-only, SSD-only, remote-only and stacked configurations are all valid; without a host section
+    a staging area of host memory carries pages to the lower tiers."""
+    cfg = load_config(write(tmp_path, yaml_text))
+    got = ("staging" if cfg.host.staging else "host",) + tuple(t for t in ("ssd", "remote") if getattr(cfg, t))
+    assert got == tiers
+
+
+def test_remote_password_is_never_shown(tmp_path, monkeypatch):
+    monkeypatch.setenv("UCM_TEST_REDIS_PW", "s3cret-pw")
+    cfg = load_config(write(tmp_path, "remote: {url: 'redis://a:1', password: '${UCM_TEST_REDIS_PW}'}\n"))
+    assert cfg.remote.password == "s3cret-pw" and "s3cret-pw" not in repr(cfg)
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, "remote: {url: 'http://user:s3cret-pw@a:1'}\n"))
+    assert "s3cret-pw" not in str(ei.value) and "***" in str(ei.value)

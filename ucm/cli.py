@@ -93,10 +93,16 @@ def _stats(args: argparse.Namespace) -> int:
                 load_gbs = c["load_bytes"] / c["load_seconds"] / 1e9 if c["load_seconds"] else 0.0
                 save_gbs = c["save_bytes"] / c["save_seconds"] / 1e9 if c["save_seconds"] else 0.0
                 print(f"{rec['role']} pid {rec['pid']} ({state}): loaded {c['loaded_blocks']} blocks "
-                      f"({c['host_hit_blocks']} from host, {c['ssd_hit_blocks']} from SSD, {load_gbs:.2f} GB/s), "
+                      f"({c['host_hit_blocks']} from host, {c['ssd_hit_blocks']} from SSD, "
+                      f"{c.get('remote_hit_blocks', 0)} from remote, {load_gbs:.2f} GB/s), "
                       f"{c['load_errors']} load errors; saved {c['saved_blocks']} ({save_gbs:.2f} GB/s), "
                       f"{c['save_failures']} save failures; flushed to SSD {st['flushed_blocks']}, "
                       f"{st['flush_failures']} flush failures")
+                r = rec.get("remote")
+                if r:
+                    print(f"  remote tier {r['server']} ({'up' if r['up'] else 'DOWN'}): {c.get('remote_hit_blocks', 0)} "
+                          f"blocks loaded from it, {r['written']} pages sent, {r['skipped']} already there, "
+                          f"{r['dropped']} saves dropped, {r['outages']} outages")
                 for e in rec.get("recent_errors", [])[-5:]:
                     print(f"  recent error: {e['op']}: {e['why']}")
     return 0

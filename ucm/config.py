@@ -38,6 +38,28 @@ class HostTierConfig:
     capacity: int  # bytes
     path: str  # directory of the shared-memory tier, or "auto"
     keep_after_exit: bool = False
+    staging: bool = False  # no `host` section: a small area that only stages pages for the lower tiers
+
+
+STAGING_CAPACITY = 256 << 20  # bytes of host memory staging pages when the YAML has no `host` section
+
+
+@dataclass(frozen=True)
+class RemoteTierConfig:
+    """A Redis/Valkey server (or cluster) shared by every instance using the same `key_prefix`."""
+
+    urls: tuple[str, ...]  # redis://, rediss:// (TLS) or unix:// ; a cluster takes one or more seed nodes
+    cluster: bool = False
+    key_prefix: str = "ucm:"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)  # never logged
+    tls_ca_file: str | None = None
+    tls_cert_file: str | None = None
+    tls_key_file: str | None = None
+    timeout_ms: int = 1000  # per command; a slower server counts as unreachable
+    reconnect_max_ms: int = 10000  # longest wait between reconnection attempts (backoff from 250 ms)
+    write_queue: int = 256 << 20  # bytes of pages waiting to be sent; beyond it, saves to the server are dropped
+    batch_bytes: int = 16 << 20  # bytes of pages per pipelined round trip
 
 
 @dataclass(frozen=True)
@@ -66,6 +88,7 @@ class UCMConfig:
     write_policy: str = "write_through"
     io_threads: int = 4
     transfer: TransferConfig = TransferConfig()
+    remote: RemoteTierConfig | None = None
     source: str = field(default="<defaults>", compare=False)
 
     def replace(self, **changes: Any) -> "UCMConfig":
@@ -95,10 +118,8 @@ def parse_size(value: Any, source: str, key: str) -> int:
     return n
 
 
-def expand_path(value: Any, source: str, key: str) -> str:
-    """Expand $VAR, ${VAR}, ${VAR:-default} and ~; an unset variable without default is an error."""
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(source, key, value, "a path must be a non-empty string")
+def _expand_vars(value: str, source: str, key: str) -> str:
+    """Expand $VAR, ${VAR}, ${VAR:-default}; an unset variable without default is an error."""
 
     def sub(m: re.Match) -> str:
         name = m.group(1) or m.group(3)
@@ -108,7 +129,14 @@ def expand_path(value: Any, source: str, key: str) -> str:
             return m.group(2)
         raise ConfigError(source, key, value, f"environment variable ${name} is not set")
 
-    return os.path.abspath(os.path.expanduser(_VAR_RE.sub(sub, value)))
+    return _VAR_RE.sub(sub, value)
+
+
+def expand_path(value: Any, source: str, key: str) -> str:
+    """Expand $VAR, ${VAR}, ${VAR:-default} and ~; an unset variable without default is an error."""
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(source, key, value, "a path must be a non-empty string")
+    return os.path.abspath(os.path.expanduser(_expand_vars(value, source, key)))
 
 
 def _check_keys(section: Mapping, allowed: tuple[str, ...], source: str, prefix: str) -> None:
@@ -141,7 +169,7 @@ def _mapping(value: Any, source: str, key: str) -> Mapping:
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     """Validate a parsed YAML mapping into a `UCMConfig`."""
     data = _mapping(data, source, "<top level>")
-    _check_keys(data, ("host", "ssd", "write_policy", "io_threads", "transfer"), source, "")
+    _check_keys(data, ("host", "ssd", "remote", "write_policy", "io_threads", "transfer"), source, "")
     host = ssd = None
     if data.get("host") is not None:
         h = _mapping(data["host"], source, "host")
@@ -167,14 +195,17 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
             direct_io=_bool(s, "direct_io", True, source, "ssd."),
             fsync=_bool(s, "fsync", False, source, "ssd."),
         )
-    if host is None and ssd is None:
-        raise ConfigError(source, "host", None, "configure at least one tier (host or ssd)")
-    if host is None:
-        raise ConfigError(source, "host", None, "the host tier is required: dumps land in host memory "
-                          "before they reach the SSD")
+    remote = _remote(data["remote"], source) if data.get("remote") is not None else None
+    if host is None and ssd is None and remote is None:
+        raise ConfigError(source, "host", None, "configure at least one tier (host, ssd or remote)")
     policy = data.get("write_policy", "write_through")
     if policy not in WRITE_POLICIES:
         raise ConfigError(source, "write_policy", policy, f"must be one of {', '.join(WRITE_POLICIES)}")
+    if host is None:
+        if policy == "write_back":
+            raise ConfigError(source, "write_policy", policy, "write_back keeps blocks in the host tier until "
+                              "it fills; configure a `host` section or use write_through")
+        host = HostTierConfig(capacity=STAGING_CAPACITY, path="auto", staging=True)
     threads = _int_in(data, "io_threads", 4, 1, 256, source, "")
     transfer = TransferConfig()
     if data.get("transfer") is not None:
@@ -187,7 +218,89 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
                                   _bool(t, "layerwise_load", True, source, "transfer."),
                                   parse_size(t.get("layer_read_size", "512KiB"), source, "transfer.layer_read_size"))
     return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
-                     source=source)
+                     remote=remote, source=source)
+
+
+REMOTE_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _redis_url(value: Any, source: str, key: str, cluster: bool) -> str:
+    """Check one server URL: scheme, host and port (the password may be in it; it is never echoed)."""
+    from urllib.parse import urlsplit
+
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(source, key, value, "a server URL must be a non-empty string, e.g. redis://127.0.0.1:6379/0")
+    shown = re.sub(r"//[^@/]*@", "//***@", value)
+    try:
+        u = urlsplit(value)
+        port = u.port
+    except ValueError as e:
+        raise ConfigError(source, key, shown, f"not a valid URL: {e}") from None
+    if u.scheme not in REMOTE_SCHEMES:
+        raise ConfigError(source, key, shown, "the scheme must be redis:// , rediss:// (TLS) or unix://")
+    if u.scheme == "unix":
+        if cluster:
+            raise ConfigError(source, key, shown, "a cluster is reached over TCP (redis:// or rediss://), not unix://")
+        if not u.path:
+            raise ConfigError(source, key, shown, "unix:// needs a socket path, e.g. unix:///run/redis.sock")
+        return value
+    if not u.hostname:
+        raise ConfigError(source, key, shown, "no host name; write e.g. redis://127.0.0.1:6379/0")
+    if port is None and cluster:
+        raise ConfigError(source, key, shown, "a cluster seed needs a port, e.g. redis://10.0.0.5:7000")
+    db = u.path.strip("/")
+    if db and (not db.isdigit() or (cluster and db != "0")):
+        raise ConfigError(source, key, shown, "the path must be a database number (a cluster has only /0)")
+    return value
+
+
+def _remote(section: Any, source: str) -> RemoteTierConfig:
+    r = _mapping(section, source, "remote")
+    keys = ("url", "cluster", "key_prefix", "username", "password", "tls_ca_file", "tls_cert_file",
+            "tls_key_file", "timeout_ms", "reconnect_max_ms", "write_queue", "batch_size")
+    _check_keys(r, keys, source, "remote.")
+    if "url" not in r:
+        raise ConfigError(source, "remote.url", None, "missing; e.g. redis://127.0.0.1:6379/0 "
+                          "(a list of seed nodes for a cluster)")
+    cluster = _bool(r, "cluster", False, source, "remote.")
+    raw = r["url"]
+    if isinstance(raw, list):
+        if not raw:
+            raise ConfigError(source, "remote.url", raw, "an empty list; give at least one server")
+        if len(raw) > 1 and not cluster:
+            raise ConfigError(source, "remote.url", raw, "several URLs are seed nodes of a cluster; set "
+                              "remote.cluster: true, or give one URL")
+        urls = tuple(_redis_url(u, source, f"remote.url[{i}]", cluster) for i, u in enumerate(raw))
+    else:
+        urls = (_redis_url(raw, source, "remote.url", cluster),)
+    prefix = r.get("key_prefix", "ucm:")
+    if not isinstance(prefix, str) or not prefix or any(c.isspace() for c in prefix):
+        raise ConfigError(source, "remote.key_prefix", prefix, "must be a non-empty string without spaces")
+    strings = {}
+    for k in ("username", "password"):
+        v = r.get(k)
+        if v is not None and not isinstance(v, str):
+            raise ConfigError(source, f"remote.{k}", "***" if k == "password" else v, "must be a string")
+        strings[k] = _expand_vars(v, source, f"remote.{k}") if v else None
+    tls = {}
+    for k in ("tls_ca_file", "tls_cert_file", "tls_key_file"):
+        v = r.get(k)
+        if v is None:
+            tls[k] = None
+            continue
+        path = expand_path(v, source, f"remote.{k}")
+        if not os.path.isfile(path):
+            raise ConfigError(source, f"remote.{k}", v, "no such file")
+        tls[k] = path
+    if any(tls.values()) and not all(u.startswith("rediss://") for u in urls):
+        raise ConfigError(source, "remote.url", urls[0], "TLS options need rediss:// URLs")
+    return RemoteTierConfig(
+        urls=urls, cluster=cluster, key_prefix=prefix, **strings, **tls,
+        timeout_ms=_int_in(r, "timeout_ms", 1000, 10, 600_000, source, "remote."),
+        reconnect_max_ms=_int_in(r, "reconnect_max_ms", 10000, 10, 3_600_000, source, "remote."),
+        write_queue=parse_size(r.get("write_queue", "256MiB"), source, "remote.write_queue"),
+        batch_bytes=parse_size(r.get("batch_size", "16MiB"), source, "remote.batch_size"),
+    )
 
 
 def load_config(path: str | os.PathLike | None = None) -> UCMConfig:
@@ -210,10 +323,30 @@ def load_config(path: str | os.PathLike | None = None) -> UCMConfig:
     return from_dict(data, source)
 
 
+def make_private_dirs(path: str) -> None:
+    """os.makedirs where every directory it creates (not only the last) gets mode 0700."""
+    missing = []
+    p = os.path.abspath(path)
+    while not os.path.isdir(p):
+        missing.append(p)
+        parent = os.path.dirname(p)
+        if parent == p:
+            break
+        p = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            if not os.path.isdir(d):
+                raise
+        else:
+            os.chmod(d, 0o700)  # mkdir's mode is masked by the umask; 0700 is what we mean
+
+
 def check_writable(path: str, source: str, key: str) -> None:
-    """Create `path` (mode 0700) if needed and check that this user can write there."""
+    """Create `path` (every new directory mode 0700) if needed and check that this user can write there."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        make_private_dirs(path)
     except OSError as e:
         raise ConfigError(source, key, path, f"cannot create the directory: {e.strerror}") from e
     if not os.access(path, os.W_OK | os.X_OK):

@@ -2,7 +2,7 @@
 
 A tier is `num_slots` fixed-size slots. Which block lives in which slot is recorded in `index.log`:
 
-    RES  slot owner          slot reserved by a writer (data being written, invisible to lookups)
+    RES  slot owner host t   slot reserved by a writer (data being written, invisible to lookups)
     PUT  slot id checksum    slot holds block `id` completely (visible); flag DIRTY: not yet in the
                              next tier, so not evictable while its writer lives
     CLEAN slot id            the block reached the next tier (evictable)
@@ -20,6 +20,13 @@ Crash safety: data is written into a slot before its PUT is appended, so a PUT a
 bytes. A slot's `epoch` counts its FREE records: a reader that copies a slot checks afterwards that the
 epoch did not move (the writer appends FREE before reusing a slot), so a concurrent eviction turns into
 a reported load error, never into wrong bytes.
+
+Shared filesystems (NFS, 3FS, Lustre): processes on several machines may share one SSD tier. A process
+id means nothing on another machine (or in another container's pid namespace), so RES records carry the
+writer's `host_tag()` and the time: a reservation from this host and pid namespace is reclaimed when its
+process is gone; one from elsewhere only once it is older than `FOREIGN_LEASE_S` (a writer never holds a
+reservation that long: it writes one page and publishes). Records written before this field existed
+carry host 0 and are treated as local.
 """
 
 from __future__ import annotations
@@ -27,25 +34,49 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import socket
 import struct
+import time
 import zlib
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator
 
-RECORD = struct.Struct("<BBHIQ16sQ20xI")  # type, flags, pad, slot, owner, id, checksum, pad, crc32
+RECORD = struct.Struct("<BBHIQ16sQQI8xI")  # type, flags, pad, slot, owner, id, checksum, host, time, pad, crc32
 assert RECORD.size == 64
 REC_RES, REC_PUT, REC_FREE, REC_MOVED, REC_EPOCH, REC_CLEAN = 1, 2, 3, 4, 5, 6
 FLAG_DIRTY = 1
 COMPACT_MIN_RECORDS = 4096  # compact when the log holds more than 4x live entries and this many records
+FOREIGN_LEASE_S = 600  # seconds after which another machine's reservation is presumed abandoned
 _NO_ID = b"\0" * 16
 
 
 def _pack(kind: int, slot: int = 0, owner: int = 0, block_id: bytes = _NO_ID, checksum: int = 0,
-          flags: int = 0) -> bytes:
-    body = RECORD.pack(kind, flags, 0, slot, owner, block_id, checksum, 0)
+          flags: int = 0, host: int = 0, stamp: int = 0) -> bytes:
+    body = RECORD.pack(kind, flags, 0, slot, owner, block_id, checksum, host, stamp, 0)
     return body[:60] + struct.pack("<I", zlib.crc32(body[:60]))
+
+
+def _host_tag() -> int:
+    """64-bit tag of this machine boot and pid namespace (never 0): pids are comparable within it."""
+    import xxhash
+
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id",):
+        try:
+            with open(path) as f:
+                parts.append(f.read().strip())
+        except OSError:
+            pass
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return xxhash.xxh64_intdigest("|".join(parts).encode()) or 1
+
+
+HOST_TAG = _host_tag()
 
 
 def process_owner() -> int:
@@ -102,6 +133,7 @@ class SlotIndex:
         self.lru: OrderedDict[bytes, None] = OrderedDict()  # oldest first
         self.slot_ids: dict[int, bytes] = {}  # slot -> committed id
         self.reserved: dict[int, int] = {}  # slot -> owner
+        self.reserved_by: dict[int, tuple[int, int]] = {}  # slot -> (writer's host tag, unix time)
         self.dirty: dict[bytes, int] = {}  # committed id not yet in the next tier -> its writer
         self.epoch = [0] * self.num_slots
         self.records = 0
@@ -127,7 +159,7 @@ class SlotIndex:
         n = len(data) // RECORD.size
         for i in range(n):
             rec = data[i * 64:(i + 1) * 64]
-            kind, flags, _, slot, owner, bid, checksum, crc = RECORD.unpack(rec)
+            kind, flags, _, slot, owner, bid, checksum, host, stamp, crc = RECORD.unpack(rec)
             if crc != zlib.crc32(rec[:60]) or (kind != REC_MOVED and slot >= self.num_slots):
                 # a corrupt record (disk damage); skip it but keep our place in the log
                 self._offset += 64
@@ -153,6 +185,7 @@ class SlotIndex:
                 self.slot_ids[slot] = bid
             elif kind == REC_RES:
                 self.reserved[slot] = owner
+                self.reserved_by[slot] = (host, stamp)
             elif kind == REC_FREE:
                 self.reserved.pop(slot, None)
                 old = self.slot_ids.pop(slot, None)
@@ -245,16 +278,24 @@ class SlotIndex:
         for slot in victims:
             self._append(_pack(REC_FREE, slot))
         got = (free + victims)[:count]
+        now = int(time.time())
         for slot in got:
-            self._append(_pack(REC_RES, slot, self.owner))
+            self._append(_pack(REC_RES, slot, self.owner, host=HOST_TAG, stamp=now))
         self._flush_records()  # FREE must be durable in the log before anyone writes the slot
         return got
 
     def _reclaim_dead(self) -> list[int]:
-        dead = [s for s, o in self.reserved.items() if o != self.owner and not owner_alive(o)]
+        dead = [s for s, o in self.reserved.items() if o != self.owner and self._abandoned(s, o)]
         for s in dead:
             self._append(_pack(REC_FREE, s))
         return dead
+
+    def _abandoned(self, slot: int, owner: int) -> bool:
+        """A reservation whose writer is gone: a dead local process, or a foreign one past its lease."""
+        host, stamp = self.reserved_by.get(slot, (0, 0))
+        if host in (0, HOST_TAG):
+            return not owner_alive(owner)
+        return time.time() - stamp > FOREIGN_LEASE_S
 
     def publish(self, block_id: bytes, slot: int, checksum: int = 0, dirty: bool = False) -> bool:
         """Inside locked(): make a reserved slot hold `block_id`. False (slot freed) if the id is already
@@ -288,7 +329,8 @@ class SlotIndex:
         """Rewrite the log as the live state, rename it into place, and mark the old log MOVED."""
         tmp = self.log_path + ".compact"
         recs = [_pack(REC_EPOCH, s, e) for s, e in enumerate(self.epoch) if e]  # versions stay comparable
-        recs += [_pack(REC_RES, s, o) for s, o in self.reserved.items()]
+        recs += [_pack(REC_RES, s, o, host=self.reserved_by.get(s, (0, 0))[0], stamp=self.reserved_by.get(s, (0, 0))[1])
+                 for s, o in self.reserved.items()]
         recs += [_pack(REC_PUT, self.entries[bid].slot, self.dirty.get(bid, 0), bid, self.entries[bid].checksum,
                        FLAG_DIRTY if bid in self.dirty else 0) for bid in self.lru]
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 import xxhash
 
+from ucm.config import make_private_dirs
 from ucm.logger import get_logger
 from ucm.tiers.index import SlotIndex
 
@@ -254,7 +255,7 @@ class SlabTier:
             raise TierError(errno.EINVAL, f"{spec.name} tier capacity {spec.capacity} B holds no page of "
                             f"{page_size} B; raise {spec.name}.capacity")
         self.dir = os.path.join(spec.path, f"p{page_size}")
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        make_private_dirs(self.dir)
         # every process using the tier holds a shared lock; the last one out may drop a memory tier
         self._users_fd = os.open(os.path.join(self.dir, "users.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         fcntl.flock(self._users_fd, fcntl.LOCK_SH)

@@ -1,4 +1,5 @@
-"""TieredStore: the Store API over a host tier (G2, shared memory) and an SSD tier (G3, slab files).
+"""TieredStore: the Store API over a host tier (G2, shared memory), an SSD tier (G3, slab files) and a
+remote tier (Redis/Valkey, shared by a fleet).
 
     lookup(ids) -> list[bool]          committed and readable, per id
     lookup_prefix(ids) -> int          number of leading hits
@@ -10,7 +11,9 @@
 
 A page is one block's bytes (`page_size`). Dumps land in the host tier; committed blocks are flushed to
 the SSD tier on I/O threads (write_through: every commit; write_back: when the host tier fills), so
-`dump` never waits for the disk. A load of a block found only on SSD promotes it into the host tier.
+`dump` never waits for the disk; committed blocks are also queued for the remote tier, whose writer
+drops them rather than wait for a slow server. A load of a block found only on SSD or on the server
+promotes it into the host tier (a remote hit is then written through to the SSD).
 A block is never visible half-written, and a failure is reported per block, never silently: a load
 that fails (missing, corrupt, evicted mid-read) is an error in `task.errors`, and a dump that cannot be
 placed or flushed is logged and simply not stored.
@@ -33,6 +36,7 @@ import xxhash
 
 from ucm.config import UCMConfig, check_writable
 from ucm.logger import get_logger
+from ucm.tiers.remote import RemoteTier, encode_page
 from ucm.tiers.slab import SlabTier, TierError, TierSpec, page_checksum
 
 log_store = get_logger("Store")
@@ -90,6 +94,7 @@ class StoreStats:
     load_bytes: int = 0
     host_hits: int = 0
     ssd_hits: int = 0
+    remote_hits: int = 0
     load_errors: int = 0
     dump_failures: int = 0
     flushed_blocks: int = 0
@@ -148,6 +153,9 @@ class TieredStore:
             check_writable(sc.path, config.source, "ssd.path")
             self.ssd = SlabTier(TierSpec("ssd", sc.path, sc.capacity, "file", slab_size=sc.slab_size,
                                          direct_io=sc.direct_io, fsync=sc.fsync), page_size)
+        self.remote: RemoteTier | None = None
+        if config.remote is not None:
+            self.remote = RemoteTier(config.remote, page_size, self._remote_value, config.source)
         self._lock = threading.Lock()
         self._pending: dict[bytes, int] = {}  # dumped, not committed: id -> host slot
         self._unflushed: dict[bytes, None] = {}  # committed in host, not yet on SSD (oldest first)
@@ -159,23 +167,22 @@ class TieredStore:
         if self.ssd is not None:
             self._flusher = threading.Thread(target=self._flush_loop, name="ucm-flush", daemon=True)
             self._flusher.start()
-        log_store.info("store open: page %d B, host %d slots at %s, ssd %s", page_size, self.host.num_slots,
-                       self.host.dir, f"{self.ssd.num_slots} slots at {self.ssd.dir}" if self.ssd else "off")
+        log_store.info("store open: page %d B, host %d slots at %s%s, ssd %s, remote %s", page_size,
+                       self.host.num_slots, self.host.dir, " (staging only)" if hc.staging else "",
+                       f"{self.ssd.num_slots} slots at {self.ssd.dir}" if self.ssd else "off",
+                       self.remote.where if self.remote else "off")
 
     # ---- queries --------------------------------------------------------------------------------
     @property
     def storage_path(self) -> str:
         return self.ssd.dir if self.ssd is not None else self.host.dir
 
-    def lookup(self, ids: Sequence[bytes]) -> list[bool]:
-        ids = list(ids)
-        found = self.host.lookup(ids)
-        if self.ssd is not None and not all(found):
-            on_ssd = self.ssd.lookup(ids)
-            found = [a or b for a, b in zip(found, on_ssd)]
-        return found
+    def lookup(self, ids: Sequence[bytes], remote: bool = True) -> list[bool]:
+        """Per id: stored in some tier (`remote=False`: in a local tier; no round trip to the server)."""
+        return [w != "none" for w in self.where(ids, remote)]
 
     def lookup_prefix(self, ids: Sequence[bytes]) -> int:
+        ids = list(ids)
         self.host.refresh()
         if self.ssd is not None:
             self.ssd.refresh()
@@ -185,15 +192,26 @@ class TieredStore:
             if bid not in host and bid not in ssd:
                 break
             n += 1
+        if self.remote is not None and n < len(ids):
+            for there in self.remote.exists(ids[n:]):  # one pipelined round trip
+                if not there:
+                    break
+                n += 1
         return n
 
-    def where(self, ids: Sequence[bytes]) -> list[str]:
-        """Per id: 'host', 'ssd' or 'none' (diagnostics)."""
+    def where(self, ids: Sequence[bytes], remote: bool = True) -> list[str]:
+        """Per id: 'host', 'ssd', 'remote' or 'none' (`remote=False`: local tiers only)."""
         self.host.refresh()
         if self.ssd is not None:
             self.ssd.refresh()
-        return ["host" if b in self.host else "ssd" if self.ssd is not None and b in self.ssd else "none"
-                for b in ids]
+        out = ["host" if b in self.host else "ssd" if self.ssd is not None and b in self.ssd else "none"
+               for b in ids]
+        if remote and self.remote is not None and "none" in out:
+            missing = [k for k, w in enumerate(out) if w == "none"]
+            for k, there in zip(missing, self.remote.exists([ids[k] for k in missing])):
+                if there:
+                    out[k] = "remote"
+        return out
 
     # ---- dump / commit --------------------------------------------------------------------------
     def dump(self, ids: Sequence[bytes], offset: int, src: torch.Tensor) -> Task:
@@ -275,6 +293,8 @@ class TieredStore:
                         self._unflushed[bid] = None
                     if self.config.write_policy == "write_through" and fresh:
                         self._flush_q.put(fresh)
+                if self.remote is not None:
+                    self.remote.submit(fresh)
             self.host.release([slot for _, slot in release])
         if release:
             log_save.debug("dropped %d blocks committed as failed", len(release))
@@ -371,32 +391,98 @@ class TieredStore:
         for r, sl, k in _runs(which, slots):
             rows[r:r + k].copy_(pages[sl:sl + k], non_blocking=rows.is_cuda)
 
-    PROMOTE_CHUNK = 8  # blocks per promotion job: one reserve and one publish per chunk
+    PROMOTE_CHUNK = 8  # blocks per SSD promotion job: one reserve and one publish per chunk
+    REMOTE_CHUNK = 16  # blocks per remote promotion job: one pipelined round trip
 
     def _promotions(self, ids: list[bytes]) -> dict[bytes, Future]:
-        """Futures of promotions from SSD for the ids found there (shared with loads already waiting
-        for the same blocks); ids found nowhere are absent from the result."""
+        """Futures of promotions for the ids found on SSD, or (all others) asked of the remote tier;
+        shared with loads already waiting for the same blocks. Ids no tier can hold are absent."""
         out: dict[bytes, Future] = {}
-        if self.ssd is None:
+        if self.ssd is None and self.remote is None:
             return out
         with self._lock:
-            self.ssd.refresh()
-            new: list[bytes] = []
+            if self.ssd is not None:
+                self.ssd.refresh()
+            from_ssd: list[bytes] = []
+            from_remote: list[bytes] = []
             for bid in ids:
                 promo = self._promoting.get(bid)
                 if promo is not None:
                     promo.consumers += 1
                     out[bid] = promo.future
-                elif bid in self.ssd and bid not in out:
-                    new.append(bid)
-                    promo = self._promoting[bid] = _Promotion()
-            per = max(1, min(self.PROMOTE_CHUNK, -(-len(new) // self.config.io_threads)))
-            for k in range(0, len(new), per):
-                chunk = new[k:k + per]
-                fut = self._io.submit(self._promote_chunk, chunk)
-                for bid in chunk:
-                    self._promoting[bid].future = out[bid] = fut
+                elif bid in out or bid in self._promoting:
+                    continue
+                elif self.ssd is not None and bid in self.ssd:
+                    from_ssd.append(bid)
+                elif self.remote is not None:
+                    from_remote.append(bid)
+                else:
+                    continue
+                self._promoting.setdefault(bid, _Promotion())
+            for new, most, job in ((from_ssd, self.PROMOTE_CHUNK, self._promote_chunk),
+                                   (from_remote, self.REMOTE_CHUNK, self._promote_remote)):
+                per = max(1, min(most, -(-len(new) // self.config.io_threads)))
+                for k in range(0, len(new), per):
+                    chunk = new[k:k + per]
+                    fut = self._io.submit(job, chunk)
+                    for bid in chunk:
+                        self._promoting[bid].future = out[bid] = fut
         return out
+
+    def _promote_remote(self, ids: list[bytes]) -> dict:
+        """Like `_promote_chunk`, from the remote tier (verified by `decode_page`). A promoted block is
+        also written through to the SSD tier, so the next process on this machine finds it locally."""
+        results: dict = {}
+        hslots: list[int] = []
+        try:
+            fetched = list(zip(ids, self.remote.get(ids)))
+            for bid, p in fetched:
+                if isinstance(p, Exception):
+                    results[bid] = p
+            fetched = [(bid, p) for bid, p in fetched if not isinstance(p, Exception)]
+            hslots = self.host.reserve(len(fetched))
+            good = []
+            for k, (bid, payload) in enumerate(fetched):
+                if k < len(hslots):
+                    page = self.host.slots.page(hslots[k])
+                    good.append((bid, hslots[k]))
+                else:  # no room in host memory: serve from a private buffer
+                    page = torch.empty(self.page_size, dtype=torch.uint8)
+                    results[bid] = ("page", page)
+                memoryview(page.numpy())[:self.page_size] = payload
+            self.stats.remote_hits += len(fetched)
+            self._stage_in_host(good, results, dirty=self.ssd is not None)
+            hslots = []
+            return results
+        except Exception as e:  # noqa: BLE001 - every id gets an answer
+            self.host.release(hslots)
+            for bid in ids:
+                results.setdefault(bid, e)
+            return results
+        finally:
+            with self._lock:
+                for bid in ids:
+                    self._promoting.pop(bid, None)
+
+    def _stage_in_host(self, good: list[tuple[bytes, int]], results: dict, dirty: bool = False) -> None:
+        """Publish promoted (id, reserved host slot) pairs and pin each once per waiting load (a large
+        batch cannot evict itself); results[id] = ("host", slot, version). `dirty`: queue them for the
+        SSD tier too."""
+        if not good:
+            return
+        with self._lock, self.host.lock:
+            flags = self.host.publish([(bid, slot, 0) for bid, slot in good], dirty=dirty)
+            for (bid, _), fresh in zip(good, flags):
+                if dirty and fresh:
+                    self._unflushed[bid] = None
+                pinned = self.host.pin(bid)
+                if pinned is None:
+                    results[bid] = TierError(0, "evicted from host memory right after promotion")
+                    continue
+                self.host.pins[pinned[0]] += self._promoting[bid].consumers - 1
+                results[bid] = ("host", pinned[0], pinned[2])
+        if dirty:
+            self._flush_q.put([bid for bid, _ in good])
 
     def _promote_chunk(self, ids: list[bytes]) -> dict:
         """Read blocks from SSD, verify them, and place them in the host tier, pinned once per waiting
@@ -445,16 +531,7 @@ class TieredStore:
             self.stats.ssd_hits += len(good) + sum(1 for r in results.values() if isinstance(r, tuple))
             unused = [s for s in hslots if s not in {slot for _, slot in good}]
             self.host.release(unused)
-            if good:
-                with self._lock, self.host.lock:
-                    self.host.publish([(bid, slot, 0) for bid, slot in good])
-                    for bid, _ in good:
-                        pinned = self.host.pin(bid)  # one pin per consumer: a large batch cannot evict itself
-                        if pinned is None:
-                            results[bid] = TierError(0, "evicted from host memory right after promotion")
-                            continue
-                        self.host.pins[pinned[0]] += self._promoting[bid].consumers - 1
-                        results[bid] = ("host", pinned[0], pinned[2])
+            self._stage_in_host(good, results)
             return results
         except Exception as e:  # noqa: BLE001 - every id gets an answer
             for bid in ids:
@@ -590,13 +667,28 @@ class TieredStore:
         finally:
             self.host.unpin(hslot)
 
+    def _remote_value(self, bid: bytes):
+        """For the remote writer: the stored value of a host-tier page, or None if it left host memory."""
+        pinned = self.host.pin(bid)
+        if pinned is None:
+            return None
+        hslot, _, version = pinned
+        try:
+            value = encode_page(bid, self.host.slots.page(hslot)[:self.page_size].numpy())
+            return value if self.host.still_valid(hslot, version) else None
+        finally:
+            self.host.unpin(hslot)
+
     def flush(self, timeout: float | None = None) -> None:
-        """Block until every committed block queued for SSD has been written (or failed)."""
+        """Block until every committed block queued for SSD and the remote tier has been written (or
+        failed, or dropped)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.remote is not None and not self.remote.flush(timeout):
+            raise TimeoutError("writes to the remote tier did not finish in time")
         if self.ssd is None:
             return
         if self.config.write_policy == "write_back" and self._unflushed:
             self._flush_q.put(list(self._unflushed))
-        deadline = None if timeout is None else time.monotonic() + timeout
         while self._flush_q.unfinished_tasks:
             if deadline is not None and time.monotonic() > deadline:
                 raise TimeoutError("flush to SSD did not finish in time")
@@ -612,6 +704,8 @@ class TieredStore:
             tier.refresh()
             out[tier.name] = {"blocks": len(tier.index.entries), "bytes": tier.used_bytes(),
                               "capacity": tier.num_slots * tier.slot_size, "path": tier.dir}
+        if self.remote is not None:
+            out["remote"] = self.remote.usage()
         return out
 
     def close(self) -> None:
@@ -622,6 +716,8 @@ class TieredStore:
             self.flush()
             self._flush_q.put(None)
             self._flusher.join()
+        if self.remote is not None:
+            self.remote.close()
         self._io.shutdown(wait=True)
         with self._lock:
             self.host.release(list(self._pending.values()))

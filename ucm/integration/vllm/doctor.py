@@ -1,7 +1,7 @@
 """`ucm doctor`: why did this prompt not hit the cache?
 
 Given a configuration and a prompt (token ids, or text and the model's tokenizer), report where each of
-the prompt's full blocks is (host tier, SSD tier, nowhere) under every chain root the store has seen,
+the prompt's full blocks is (host tier, SSD tier, remote tier, nowhere) under every chain root the store has seen,
 and name the likely reasons for misses:
 
 - store empty                       nothing was ever saved under this configuration's paths
@@ -12,6 +12,7 @@ and name the likely reasons for misses:
 - prompt diverges                   the first k blocks are stored, then the prompt differs from them
 - vLLM's own prefix cache           the blocks are stored, but vLLM already had them (the journal shows
                                     it), so ucm had nothing to load
+- remote tier unreachable           lookups count the server's blocks as misses until it is back
 - patches disabled                  UCM_DISABLE_PATCHES=1 (on vLLM 0.32 this slows SSD loads, it does
                                     not cause misses)
 """
@@ -32,9 +33,10 @@ SEED_FIELDS = ("model", "dtype", "kv_layout", "block_size", "tp_size", "extra", 
 class Diagnosis:
     tokens: int
     seeds: dict[str, dict]  # root prefix -> seed fields, as recorded in the store's journal
-    where: dict[str, list[str]] = field(default_factory=dict)  # root prefix -> per block: host/ssd/none
+    where: dict[str, list[str]] = field(default_factory=dict)  # root prefix -> per block: host/ssd/remote/none
     reasons: list[str] = field(default_factory=list)
     store_blocks: dict[str, int] = field(default_factory=dict)  # tier -> blocks
+    remote_down: str = ""  # the unreachable remote tier's address
     lookups: list[dict] = field(default_factory=list)  # the connector's journal of scheduler lookups
 
     def best(self) -> tuple[str, list[str]] | None:
@@ -77,7 +79,9 @@ def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, 
             seeds.update(read_seeds(store.storage_path))
             diag.lookups += read_lookups(store.storage_path)
             for tier, u in store.usage().items():
-                diag.store_blocks[tier] = diag.store_blocks.get(tier, 0) + u["blocks"]
+                diag.store_blocks[tier] = diag.store_blocks.get(tier, 0) + u.get("blocks", 0)
+            if store.remote is not None and not store.remote.up:
+                diag.remote_down = store.remote.where
             for root, fields in read_seeds(store.storage_path).items():
                 seed = HashSeed(**{k: fields[k] for k in SEED_FIELDS if k in fields},
                                 tp_rank=fields.get("tp_rank", 0))
@@ -94,6 +98,9 @@ def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> N
     if os.environ.get("UCM_DISABLE_PATCHES", "") not in ("", "0"):
         r.append("patches disabled (UCM_DISABLE_PATCHES=1): on vLLM 0.32 this does not cause misses; it makes "
                  "layer-wise SSD loads go through a bounce buffer")
+    if diag.remote_down:
+        r.append(f"remote tier unreachable: {diag.remote_down} did not answer, so its blocks count as misses "
+                 "(the connector reconnects by itself; see the [UCM.Remote] log lines)")
     if not sum(diag.store_blocks.values()):
         r.append(f"store empty: no blocks under {config.host.path}" + (f" or {config.ssd.path}" if config.ssd else "")
                  + " (nothing saved yet, or vLLM ran with another UCM_CONFIG_FILE / storage path)")
@@ -185,11 +192,11 @@ def report(diag: Diagnosis) -> str:
     best = diag.best()
     if best:
         root, where = best
-        counts = {t: where.count(t) for t in ("host", "ssd", "none")}
+        counts = {t: where.count(t) for t in ("host", "ssd", "remote", "none")}
         lines.append(f"blocks under root {root}: {len(where)} full; host {counts['host']}, ssd {counts['ssd']}, "
-                     f"missing {counts['none']}")
+                     f"remote {counts['remote']}, missing {counts['none']}")
         lines.append("  " + " ".join(w[0].upper() if w != "none" else "." for w in where)
-                     + "   (H host, S ssd, . missing)")
+                     + "   (H host, S ssd, R remote, . missing)")
     lines.append("")
     lines += [f"- {x}" for x in diag.reasons] or ["- no reason for a miss found"]
     return "\n".join(lines)

@@ -8,7 +8,8 @@
                                  processes are kept)
 <storage>/journal/seed-<root>.json   the HashSeed (model, dtype, layout, block size, TP) of each chain root
 
-Writing is best-effort: a journal that cannot be written never fails a request.
+Writing is best-effort: a journal that cannot be written never fails a request. Files are created
+readable by their owner only (0600), like everything else the store creates.
 """
 
 from __future__ import annotations
@@ -19,12 +20,19 @@ import json
 import os
 import time
 
+from ucm.config import make_private_dirs
 from ucm.logger import get_logger
 
 log = get_logger("Connector")
 LOOKUPS = "lookups.jsonl"
 MAX_LOOKUP_BYTES = 4 << 20  # then lookups.jsonl becomes lookups.jsonl.1
 KEEP_STOPPED = 8  # counter files of stopped processes kept
+
+
+def _private(path: str, mode: str):
+    """open() of a text file created with mode 0600 whatever the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else os.O_TRUNC)
+    return os.fdopen(os.open(path, flags, 0o600), mode, buffering=1, encoding="utf-8")
 
 
 def journal_dir(storage_path: str) -> str:
@@ -39,7 +47,7 @@ class Journal:
         self._last_counters = 0.0
         self._broken = False
         try:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            make_private_dirs(self.dir)
             self._prune()
         except OSError as e:
             self._disable(e)
@@ -62,12 +70,12 @@ class Journal:
             return
         try:
             if self._lookups is None:
-                self._lookups = open(os.path.join(self.dir, LOOKUPS), "a", buffering=1, encoding="utf-8")
+                self._lookups = _private(os.path.join(self.dir, LOOKUPS), "a")
             if self._lookups.tell() > MAX_LOOKUP_BYTES:
                 self._lookups.close()
                 path = os.path.join(self.dir, LOOKUPS)
                 os.replace(path, path + ".1")
-                self._lookups = open(path, "a", buffering=1, encoding="utf-8")
+                self._lookups = _private(path, "a")
             self._lookups.write(json.dumps(record, separators=(",", ":")) + "\n")
         except OSError as e:
             self._disable(e)
@@ -79,7 +87,7 @@ class Journal:
         self._last_counters = now
         tmp = self.counters_path + ".tmp"
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            with _private(tmp, "w") as f:
                 json.dump({"pid": os.getpid(), "time": time.time(), **data}, f)
             os.replace(tmp, self.counters_path)
         except OSError as e:
@@ -91,7 +99,7 @@ class Journal:
         if self._broken or os.path.exists(path):
             return
         try:
-            with open(path + f".{os.getpid()}", "w", encoding="utf-8") as f:
+            with _private(path + f".{os.getpid()}", "w") as f:
                 json.dump(dataclasses.asdict(seed), f)
             os.replace(path + f".{os.getpid()}", path)
         except OSError as e:

@@ -197,7 +197,7 @@ class RequestState:
 
 
 # ---- stats ----------------------------------------------------------------------------------------
-_STAT_KEYS = ("hit_tokens", "host_hit_blocks", "ssd_hit_blocks", "loaded_blocks", "load_errors", "load_bytes",
+_STAT_KEYS = ("hit_tokens", "host_hit_blocks", "ssd_hit_blocks", "remote_hit_blocks", "loaded_blocks", "load_errors", "load_bytes",
               "load_seconds", "saved_blocks", "save_bytes", "save_seconds", "save_failures")
 
 
@@ -221,7 +221,8 @@ class UCMConnectorStats(KVConnectorStats):
         d = self.data
         gbps = lambda b, s: round(b / s / 1e9, 3) if s else 0.0
         return {"ucm_hit_tokens": d["hit_tokens"], "ucm_host_hit_blocks": d["host_hit_blocks"],
-                "ucm_ssd_hit_blocks": d["ssd_hit_blocks"], "ucm_loaded_blocks": d["loaded_blocks"],
+                "ucm_ssd_hit_blocks": d["ssd_hit_blocks"], "ucm_remote_hit_blocks": d.get("remote_hit_blocks", 0),
+                "ucm_loaded_blocks": d["loaded_blocks"],
                 "ucm_load_errors": d["load_errors"], "ucm_load_GBps": gbps(d["load_bytes"], d["load_seconds"]),
                 "ucm_saved_blocks": d["saved_blocks"], "ucm_save_GBps": gbps(d["save_bytes"], d["save_seconds"]),
                 "ucm_save_failures": d["save_failures"]}
@@ -303,7 +304,11 @@ class UCMDirectConnector(KVConnectorBase_V1):
             st = self.store.stats
             store = {k: v for k, v in vars(st).items() if k != "recent_errors"}
             errors = [{"time": t, "op": op, "why": why} for t, op, why in list(st.recent_errors)]
-            self.journal.counters({"connector": self._totals, "store": store, "recent_errors": errors}, force)
+            rec = {"connector": self._totals, "store": store, "recent_errors": errors}
+            if self.store.remote is not None:
+                rec["remote"] = {**vars(self.store.remote.stats), "up": self.store.remote.up,
+                                 "server": self.store.remote.where}
+            self.journal.counters(rec, force)
 
     def _ids_for_rank(self, ids: list[bytes], rank: int) -> list[bytes]:
         return shard_ids(ids, rank, self.tp_size, self.mla)
@@ -366,10 +371,11 @@ class UCMDirectConnector(KVConnectorBase_V1):
             return
         a, b = st.load_range
         st.load = (st.ids[a:b], st.block_ids[a:b])
-        where = self.store.where(self._ids_for_rank(st.ids[a:b], 0))
-        n_host = sum(w == "host" for w in where)
-        host_tokens = min(n_host * self.block_size, num_external_tokens)
-        st.load_sources = {CacheHitSource.HOST: host_tokens, CacheHitSource.DISK: num_external_tokens - host_tokens}
+        where = self.store.where(self._ids_for_rank(st.ids[a:b], 0), remote=False)
+        tokens = {w: min(sum(x == w for x in where) * self.block_size, num_external_tokens) for w in ("host", "ssd")}
+        tokens["ssd"] = min(tokens["ssd"], num_external_tokens - tokens["host"])
+        st.load_sources = {CacheHitSource.HOST: tokens["host"], CacheHitSource.DISK: tokens["ssd"],
+                           CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens - tokens["host"] - tokens["ssd"]}
         st.saved_upto = max(st.saved_upto, b)
         st.load_range = None
 
@@ -410,7 +416,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
             full = min(full, len(st.block_ids))
             if full > st.saved_upto:
                 ids = self._hash_upto(st, full)[st.saved_upto:full]
-                present = self.store.lookup(self._ids_for_rank(ids, 0))
+                present = self.store.lookup(self._ids_for_rank(ids, 0), remote=False)
                 todo = [k for k, p in enumerate(present) if not p]
                 if todo:
                     rm.dump_block_ids = ([ids[k] for k in todo], [st.block_ids[st.saved_upto + k] for k in todo])
@@ -468,7 +474,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
         store_ids = self._ids_for_rank(ids, self.rank)
         layered: list[int] = []
         if self._layer_plan is not None:
-            where = self.store.where(store_ids)
+            where = self.store.where(store_ids, remote=False)
             layered = [k for k, w in enumerate(where) if w == "ssd" and whole[k]]
         if layered:
             plan = self._layer_plan
@@ -487,7 +493,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self._load_whole(store_ids, vids, t0)
 
     def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
-        before = (self.store.stats.host_hits, self.store.stats.ssd_hits)
+        st = self.store.stats
+        before = (st.host_hits, st.ssd_hits, st.remote_hits)
         gpu = self.layout.device.type == "cuda"
         fill_s = [0.0]
 
@@ -499,8 +506,9 @@ class UCMDirectConnector(KVConnectorBase_V1):
         failed = self.store.wait(task)
         self._count_load(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, time.perf_counter() - t0)
         s = self._stats.data
-        s["host_hit_blocks"] += self.store.stats.host_hits - before[0]
-        s["ssd_hit_blocks"] += self.store.stats.ssd_hits - before[1]
+        s["host_hit_blocks"] += st.host_hits - before[0]
+        s["ssd_hit_blocks"] += st.ssd_hits - before[1]
+        s["remote_hit_blocks"] += st.remote_hits - before[2]
         log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms (copies into the KV cache "
                        "%.1f ms)", len(store_ids) - failed, (len(store_ids) - failed) * self.page_size >> 20,
                        1e3 * (time.perf_counter() - t0), 1e3 * fill_s[0])

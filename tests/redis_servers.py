@@ -1,0 +1,111 @@
+"""Real Redis servers for the tests: standalone (optionally with a password, persistence or a memory
+limit) and a 3-master cluster, on loopback ports, in a test's temporary directory."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+
+def redis_bin(name: str = "redis-server") -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} not found: install Debian's redis-server (scripts/ensure-redis.sh; .ci/run and "
+                    "`make test` run it)")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ping(port: int, password: str | None = None) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            if password:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                s.recv(64)
+            s.sendall(b"PING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class RedisServer:
+    """One redis-server process; `kill()` is SIGKILL, `start()` brings it back on the same port and files."""
+
+    def __init__(self, workdir: str, *, password: str | None = None, appendonly: bool = False,
+                 maxmemory: str | None = None, cluster: bool = False, port: int | None = None):
+        self.port = port or free_port()
+        self.dir = os.path.join(workdir, f"redis-{self.port}")
+        os.makedirs(self.dir, exist_ok=True)
+        self.password = password
+        self.args = [redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+                     "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
+                     "--logfile", os.path.join(self.dir, "server.log"), "--protected-mode", "no"]
+        if password:
+            self.args += ["--requirepass", password]
+        if maxmemory:
+            self.args += ["--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru"]
+        if cluster:
+            self.args += ["--cluster-enabled", "yes", "--cluster-config-file", os.path.join(self.dir, "nodes.conf"),
+                          "--cluster-node-timeout", "2000"]
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 15
+        while not _ping(self.port, self.password):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = open(os.path.join(self.dir, "server.log")).read()[-2000:]
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def cli(self, *args: str) -> str:
+        cmd = [redis_bin("redis-cli"), "-p", str(self.port)] + (["--no-auth-warning", "-a", self.password]
+                                                                if self.password else []) + list(args)
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
+
+
+class RedisCluster:
+    """Three masters on loopback ports, slots spread by `redis-cli --cluster create`."""
+
+    def __init__(self, workdir: str):
+        self.nodes = [RedisServer(workdir, cluster=True) for _ in range(3)]
+        out = subprocess.run([redis_bin("redis-cli"), "--cluster", "create"]
+                             + [f"127.0.0.1:{n.port}" for n in self.nodes] + ["--cluster-replicas", "0",
+                                                                               "--cluster-yes"],
+                             capture_output=True, text=True, timeout=60)
+        if out.returncode:
+            raise RuntimeError(f"cluster create failed:\n{out.stdout}\n{out.stderr}")
+        deadline = time.monotonic() + 30
+        while not all("cluster_state:ok" in n.cli("cluster", "info") for n in self.nodes):
+            if time.monotonic() > deadline:
+                raise RuntimeError("cluster did not reach state ok")
+            time.sleep(0.1)
+
+    @property
+    def urls(self) -> list[str]:
+        return [f"redis://127.0.0.1:{n.port}" for n in self.nodes]
+
+    def kill(self) -> None:
+        for n in self.nodes:
+            n.kill()
