@@ -79,6 +79,20 @@ class RedisServer:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
 
+    def restart_command(self, settle_s: float = 0.0) -> str:
+        """A shell command that starts this server again (daemonized, same port and files), waits until
+        it answers, then `settle_s` more seconds. For a hook run by another process; `shutdown()` stops
+        it."""
+        args = " ".join(f"'{a}'" for a in self.args)
+        ping = f"{redis_bin('redis-cli')} -p {self.port} ping"
+        return (f"{args} --daemonize yes --pidfile '{self.dir}/pid' && for i in $(seq 150); do "
+                f"{ping} 2>/dev/null | grep -q PONG && break; sleep 0.1; done && sleep {settle_s}")
+
+    def shutdown(self) -> None:
+        """Stop the server however it was started (this object's process or a daemon on its port)."""
+        self.kill()
+        self.cli("shutdown", "nosave")
+
     def cli(self, *args: str) -> str:
         cmd = [redis_bin("redis-cli"), "-p", str(self.port)] + (["--no-auth-warning", "-a", self.password]
                                                                 if self.password else []) + list(args)

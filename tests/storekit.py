@@ -161,3 +161,24 @@ def perturb(path: str, offset: int, size: int, seed: int = 0) -> None:
             data[k] = (data[k] + 1) % 256
         f.seek(offset)
         f.write(data)
+
+
+def shared_ssd_worker(root: str, tag: int, rounds: int, q) -> None:
+    """One instance of several on a shared SSD directory, each with its own host tier: write own and
+    shared blocks into a small SSD (constant eviction by the others) and read the others' blocks from it."""
+    torch.set_num_threads(1)
+    store = TieredStore(config(root, host="2MiB", ssd="2MiB", host_dir=f"host-{tag}"), PAGE)
+    rng = random.Random(tag)
+    read = failed_loads = wrong = 0
+    for r in range(rounds):
+        ids = [bid(r * 4 + k, tag) for k in range(3)] + [bid(r % 7, 999), bid(r % 5, 998)]
+        dump_commit(store, ids)
+        store.flush()
+        store.ssd.refresh()
+        theirs = [b for b in store.ssd.index.entries if b not in store.host]
+        sample = rng.sample(theirs, min(6, len(theirs)))
+        if sample:
+            f, w = load_check(store, sample)
+            read, failed_loads, wrong = read + len(sample), failed_loads + f, wrong + w
+    q.put({"read": read, "failed": failed_loads, "wrong": wrong})
+    store.close()

@@ -4,14 +4,19 @@ Usage: python vllm_runner.py SPEC.json   (SPEC written by vllm_harness.run_vllm)
 
 SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?, "extra"},
        "prefix_caching": bool, "dtype", "block_size", "max_tokens", "max_num_batched_tokens"?,
-       "phases": [[prompt token ids, ...], ...]}   each phase is one llm.generate call (one batch)
+       "phases": [[prompt, ...], ...],   each phase is one llm.generate call (one batch); a prompt is a
+                                         list of token ids or {"tokens": [...], "salt": cache_salt}
+       "hooks"?: {phase index: {"before": shell command, "during": [seconds, shell command]}}}
+                 "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens"}, ...], ...],
          "metrics": {name{labels}: value}, "phase_metrics": [...per phase external tokens...]}
 """
 
 import json
 import os
+import subprocess
 import sys
+import threading
 
 
 def _metric_values(llm) -> dict:
@@ -45,10 +50,25 @@ def main() -> None:
     llm = LLM(**kw)
     params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=1,
                             ignore_eos=True)
+    def prompt(p):
+        if isinstance(p, dict):
+            return TokensPrompt(prompt_token_ids=p["tokens"], cache_salt=p["salt"])
+        return TokensPrompt(prompt_token_ids=p)
+
     phases, phase_metrics = [], []
-    for phase in spec["phases"]:
+    for k, phase in enumerate(spec["phases"]):
+        hook = (spec.get("hooks") or {}).get(str(k), {})
+        if hook.get("before"):
+            subprocess.run(hook["before"], shell=True, check=True)
+        timer = None
+        if hook.get("during"):
+            delay, cmd = hook["during"]
+            timer = threading.Timer(delay, subprocess.run, args=(cmd,), kwargs={"shell": True})
+            timer.start()
         before = _metric_values(llm)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in phase], params, use_tqdm=False)
+        outs = llm.generate([prompt(p) for p in phase], params, use_tqdm=False)
+        if timer is not None:
+            timer.join()
         res = []
         for o in outs:
             comp = o.outputs[0]
