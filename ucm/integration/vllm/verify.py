@@ -115,7 +115,27 @@ def _config_checks(config_path: str | None) -> list[Check]:
                              f"{path}: {free / 2**30:.1f} GiB free for a {cap / 2**30:.1f} GiB tier"))
         except (ConfigError, OSError) as e:
             out.append(Check(f"Storage ({tier})", "NOT WRITABLE", "fail", str(e)))
+    if cfg.remote is not None:
+        out.append(_remote_check(cfg))
     return out
+
+
+def _remote_check(cfg) -> Check:
+    """Connect and authenticate to the remote tier (a wrong password fails; an unreachable server warns:
+    vLLM would run with the local tiers until it answers)."""
+    from ucm.config import ConfigError
+    from ucm.tiers.remote import RemoteTier
+
+    try:
+        tier = RemoteTier(cfg.remote, 4096, lambda bid: None, cfg.source)
+    except ConfigError as e:
+        return Check("Storage (remote)", "REFUSED", "fail", str(e))
+    try:
+        if not tier.up:
+            return Check("Storage (remote)", "UNREACHABLE", "warn", f"{tier.where}: lookups will miss until it answers")
+        return Check("Storage (remote)", "CONNECTED", "ok", f"{tier.where}, key prefix {cfg.remote.key_prefix!r}")
+    finally:
+        tier.close(timeout=1)
 
 
 _HASH_SNIPPET = ("from ucm.hashing import HashSeed, RequestHasher; "
