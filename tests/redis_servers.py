@@ -62,12 +62,15 @@ class RedisServer:
     """One redis-server process; `kill()` is SIGKILL, `start()` brings it back on the same port and files."""
 
     def __init__(self, workdir: str, *, password: str | None = None, appendonly: bool = False,
-                 maxmemory: str | None = None, cluster: bool = False, port: int | None = None):
+                 maxmemory: str | None = None, cluster: bool = False, port: int | None = None,
+                 tls: bool = False):
         self.port = port or free_port(cluster)
         self.dir = os.path.join(workdir, f"redis-{self.port}")
         os.makedirs(self.dir, exist_ok=True)
         self.password = password
-        self.args = [redis_bin(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", self.dir,
+        self.tls = tls
+        listen = ["--port", "0", "--tls-port", str(self.port)] + self._certificates() if tls else ["--port", str(self.port)]
+        self.args = [redis_bin(), *listen, "--bind", "127.0.0.1", "--dir", self.dir,
                      "--save", "", "--appendonly", "yes" if appendonly else "no", "--appendfsync", "always",
                      "--logfile", os.path.join(self.dir, "server.log"), "--protected-mode", "no"]
         if password:
@@ -80,19 +83,34 @@ class RedisServer:
         self.proc: subprocess.Popen | None = None
         self.start()
 
+    def _certificates(self) -> list[str]:
+        """A throw-away CA and a server certificate for 127.0.0.1 (openssl), in the server's directory."""
+        d = self.dir
+        sh = (f"cd '{d}' && openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 2 "
+              "-subj /CN=ucm-test-ca && openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr "
+              "-subj /CN=127.0.0.1 && printf 'subjectAltName=IP:127.0.0.1\\n' > ext.cnf && openssl x509 -req "
+              "-in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt -days 2 -extfile ext.cnf")
+        subprocess.run(sh, shell=True, check=True, capture_output=True)
+        self.ca_file = os.path.join(d, "ca.crt")
+        return ["--tls-cert-file", os.path.join(d, "server.crt"), "--tls-key-file", os.path.join(d, "server.key"),
+                "--tls-ca-cert-file", self.ca_file, "--tls-auth-clients", "no"]
+
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> None:
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _STARTED.append(self.proc)
         deadline = time.monotonic() + 15
-        while not _ping(self.port, self.password):
+        while not (self._tls_ping() if self.tls else _ping(self.port, self.password)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 log = open(os.path.join(self.dir, "server.log")).read()[-2000:]
                 raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
             time.sleep(0.05)
+
+    def _tls_ping(self) -> bool:
+        return self.cli("ping").strip() == "PONG"
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -114,7 +132,8 @@ class RedisServer:
         self.cli("shutdown", "nosave")
 
     def cli(self, *args: str) -> str:
-        cmd = [redis_bin("redis-cli"), "-p", str(self.port)] + (["--no-auth-warning", "-a", self.password]
+        tls = ["--tls", "--cacert", self.ca_file] if self.tls else []
+        cmd = [redis_bin("redis-cli"), "-p", str(self.port), *tls] + (["--no-auth-warning", "-a", self.password]
                                                                 if self.password else []) + list(args)
         return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout
 

@@ -110,5 +110,5 @@ def test_patches_disabled_is_named_and_cli_runs(tmp_path):
                         ",".join(map(str, A[:100]))], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, UCM_DISABLE_PATCHES="1"))
     assert p.returncode == 0, p.stderr[-2000:]
-    assert "=== UCM Doctor ===" in p.stdout and "host 3, ssd 0, missing 0" in p.stdout, p.stdout
+    assert "=== UCM Doctor ===" in p.stdout and "host 3, ssd 0, remote 0, missing 0" in p.stdout, p.stdout
     assert "- patches disabled (UCM_DISABLE_PATCHES=1): on vLLM 0.32 this does not cause misses" in p.stdout

@@ -328,3 +328,21 @@ def test_ucm_verify_checks_the_remote_tier(tmp_path):
         assert (gone.status, gone.level) == ("UNREACHABLE", "warn")
     finally:
         server.kill()
+
+
+def test_tls_with_a_ca_file_and_an_untrusted_certificate(tmp_path):
+    server = RedisServer(str(tmp_path), tls=True)
+    try:
+        s = store(tmp_path, "a", {"url": server.url, "tls_ca_file": server.ca_file})
+        assert s.remote.up
+        ids, src = pages(3, seed=11)
+        save(s, ids, src)
+        b = store(tmp_path, "b", {"url": server.url, "tls_ca_file": server.ca_file})
+        got, errors = load(b, ids)
+        assert not errors and torch.equal(got, src)
+        s.close(), b.close()
+        with pytest.raises(ConfigError) as ei:  # the system's CAs do not know the test CA
+            store(tmp_path, "c", {"url": server.url})
+        assert "'remote.tls_ca_file'" in str(ei.value) and "not trusted" in str(ei.value)
+    finally:
+        server.kill()

@@ -172,6 +172,11 @@ class RemoteTier:
                                   f"server {self.where} requires a password; set remote.password") from None
             raise ConfigError(self.source, "remote.password", "***",
                               f"server {self.where} refused the user/password ({_why(e)})") from None
+        except redis.exceptions.ConnectionError as e:
+            if "CERTIFICATE_VERIFY_FAILED" in str(e) or "certificate verify failed" in str(e):
+                raise ConfigError(self.source, "remote.tls_ca_file", c.tls_ca_file,
+                                  f"the certificate of {self.where} is not trusted ({_why(e)})") from None
+            raise
         old, self._client = self._client, client
         if old is not None:
             try:
