@@ -82,6 +82,16 @@ class TransferConfig:
 
 
 @dataclass(frozen=True)
+class BlendConfig:
+    """CacheBlend reuse of documents that are not a prefix (ucm/integration/vllm/blend_connector.py)."""
+
+    separator: int | None = None  # token id that ends a chunk (a document); None: boundaries per request only
+    recompute_ratio: float = 0.15  # share of reused tokens recomputed: those whose keys deviate most
+    check_layer: int = 1  # layers up to this one are computed for every token; the selection is made here
+    min_chunk_tokens: int = 64  # shorter chunks are computed, not looked up
+
+
+@dataclass(frozen=True)
 class UCMConfig:
     host: HostTierConfig | None
     ssd: SSDTierConfig | None
@@ -89,6 +99,7 @@ class UCMConfig:
     io_threads: int = 4
     transfer: TransferConfig = TransferConfig()
     remote: RemoteTierConfig | None = None
+    blend: BlendConfig | None = None
     source: str = field(default="<defaults>", compare=False)
 
     def replace(self, **changes: Any) -> "UCMConfig":
@@ -169,7 +180,7 @@ def _mapping(value: Any, source: str, key: str) -> Mapping:
 def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     """Validate a parsed YAML mapping into a `UCMConfig`."""
     data = _mapping(data, source, "<top level>")
-    _check_keys(data, ("host", "ssd", "remote", "write_policy", "io_threads", "transfer"), source, "")
+    _check_keys(data, ("host", "ssd", "remote", "write_policy", "io_threads", "transfer", "blend"), source, "")
     host = ssd = None
     if data.get("host") is not None:
         h = _mapping(data["host"], source, "host")
@@ -217,8 +228,23 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
         transfer = TransferConfig(mode, _int_in(t, "direct_programs", 8, 1, 1024, source, "transfer."),
                                   _bool(t, "layerwise_load", True, source, "transfer."),
                                   parse_size(t.get("layer_read_size", "512KiB"), source, "transfer.layer_read_size"))
+    blend = _blend(data["blend"], source) if data.get("blend") is not None else None
     return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
-                     remote=remote, source=source)
+                     remote=remote, blend=blend, source=source)
+
+
+def _blend(section: Any, source: str) -> BlendConfig:
+    b = _mapping(section, source, "blend")
+    _check_keys(b, ("separator", "recompute_ratio", "check_layer", "min_chunk_tokens"), source, "blend.")
+    sep = b.get("separator")
+    if sep is not None and (isinstance(sep, bool) or not isinstance(sep, int) or sep < 0):
+        raise ConfigError(source, "blend.separator", sep, "must be a token id (an integer >= 0) or null")
+    ratio = b.get("recompute_ratio", 0.15)
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
+        raise ConfigError(source, "blend.recompute_ratio", ratio, "must be a number from 0 to 1 (0.15 = 15%)")
+    return BlendConfig(separator=sep, recompute_ratio=float(ratio),
+                       check_layer=_int_in(b, "check_layer", 1, 0, 1023, source, "blend."),
+                       min_chunk_tokens=_int_in(b, "min_chunk_tokens", 64, 1, 1 << 20, source, "blend."))
 
 
 REMOTE_SCHEMES = ("redis", "rediss", "unix")

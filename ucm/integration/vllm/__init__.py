@@ -3,6 +3,7 @@
 CONNECTORS = {
     "UCMConnector": ("ucm.integration.vllm.ucm_connector", "UCMConnector"),
     "UCMDirectConnector": ("ucm.integration.vllm.ucm_connector", "UCMDirectConnector"),
+    "BlendConnector": ("ucm.integration.vllm.blend_connector", "BlendConnector"),
 }
 
 

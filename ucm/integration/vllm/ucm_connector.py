@@ -198,7 +198,8 @@ class RequestState:
 
 # ---- stats ----------------------------------------------------------------------------------------
 _STAT_KEYS = ("hit_tokens", "host_hit_blocks", "ssd_hit_blocks", "remote_hit_blocks", "loaded_blocks", "load_errors", "load_bytes",
-              "load_seconds", "saved_blocks", "save_bytes", "save_seconds", "save_failures")
+              "load_seconds", "saved_blocks", "save_bytes", "save_seconds", "save_failures",
+              "blend_reused_tokens", "blend_recomputed_tokens")
 
 
 @dataclass
@@ -225,7 +226,8 @@ class UCMConnectorStats(KVConnectorStats):
                 "ucm_loaded_blocks": d["loaded_blocks"],
                 "ucm_load_errors": d["load_errors"], "ucm_load_GBps": gbps(d["load_bytes"], d["load_seconds"]),
                 "ucm_saved_blocks": d["saved_blocks"], "ucm_save_GBps": gbps(d["save_bytes"], d["save_seconds"]),
-                "ucm_save_failures": d["save_failures"]}
+                "ucm_save_failures": d["save_failures"], "ucm_blend_reused_tokens": d.get("blend_reused_tokens", 0),
+                "ucm_blend_recomputed_tokens": d.get("blend_recomputed_tokens", 0)}
 
     def is_empty(self) -> bool:
         return not any(self.data.get(k) for k in _STAT_KEYS)

@@ -9,9 +9,15 @@
 - KV cache manager: not needed for prefix reuse. The connector API
   (`get_num_new_matched_tokens` / `update_state_after_alloc`) covers prefix hits; only non-prefix
   (blend) reuse would have to change which blocks vLLM treats as computed.
-- Attention layer: not needed for UCMConnector. vLLM 0.32 already calls
-  the connector's `wait_for_layer_load` and `save_kv_layer` around every attention layer
-  (`maybe_transfer_kv_layer`); the blend connector's KV mixing is what would need it.
+- Attention layer (`_patch_attention`): for BlendConnector's selective recompute. UCMConnector needs
+  nothing here (vLLM 0.32 calls `wait_for_layer_load` / `save_kv_layer` around every attention layer).
+  While a blend step is active (`blend_step.ACTIVE`), the check layer picks the tokens to recompute,
+  and later layers write the selected tokens' KV and attend over the whole context themselves (vLLM's
+  kernels assume the queries are a request's last tokens; blended queries are scattered). Otherwise
+  the original forward runs.
+- Decoder layers (`_patch_llama_decoder_layer`): after the check layer a blended forward pass runs
+  each decoder layer (projections, MLP) on the selected tokens only; the others keep the reused KV.
+  Llama's layer class serves the Llama family (Llama, SmolLM2, Mistral-style models built on it).
 """
 
 from __future__ import annotations
@@ -58,6 +64,59 @@ def _patch_kv_cache_allocation(gpu_model_runner) -> None:
     gpu_model_runner.allocate_kv_cache = patched
 
 
+def _patch_attention(attention_module) -> None:
+    """Attention.forward: blend-aware while a blend step is active, else the original."""
+    from ucm.integration.vllm import blend_step
+
+    cls = attention_module.Attention
+    original = cls.forward
+    if getattr(original, "__ucm_blend__", False):
+        return
+
+    def forward(self, query, key, value, output_shape=None, output_dtype=None):
+        step = blend_step.ACTIVE
+        if step is None or key is None:
+            return original(self, query, key, value, output_shape, output_dtype)
+        idx = blend_step.layer_index(self.layer_name)
+        subset = step.sel is not None and idx > step.check_layer
+        if subset:
+            out = step.attend(self, query, key, value)
+        else:
+            out = original(self, query, key, value, output_shape, output_dtype)
+            if idx == step.check_layer and step.sel is None:
+                step.select(key.view(-1, self.num_kv_heads, self.head_size))
+        step.capture(idx, key.view(-1, self.num_kv_heads, self.head_size),
+                     value.view(-1, self.num_kv_heads, self.head_size_v), subset)
+        return out
+
+    forward.__ucm_blend__ = True
+    forward.__wrapped__ = original
+    cls.forward = forward
+
+
+def _patch_llama_decoder_layer(llama_module) -> None:
+    """LlamaDecoderLayer.forward: after the check layer of a blend step, run on the selected rows."""
+    from ucm.integration.vllm import blend_step
+
+    cls = llama_module.LlamaDecoderLayer
+    original = cls.forward
+    if getattr(original, "__ucm_blend__", False):
+        return
+
+    def forward(self, positions, hidden_states, residual, **kwargs):
+        step = blend_step.ACTIVE
+        if step is None or step.sel is None or residual is None:
+            return original(self, positions, hidden_states, residual, **kwargs)
+        sel = step.sel
+        step.sel_positions = positions[sel]
+        h, r = original(self, positions[sel], hidden_states[sel], residual[sel], **kwargs)
+        return hidden_states.index_copy(0, sel, h), residual.index_copy(0, sel, r)
+
+    forward.__ucm_blend__ = True
+    forward.__wrapped__ = original
+    cls.forward = forward
+
+
 PATCHES = (
     Patch("kv_cache_allocation", "KV cache allocation patch", "vllm.v1.worker.gpu_model_runner",
           "allocate_kv_cache", _patch_kv_cache_allocation,
@@ -67,6 +126,11 @@ PATCHES = (
           "vLLM 0.32 carries connector metadata in SchedulerOutput.kv_connector_metadata"),
     Patch("kv_cache_manager", "KV cache manager patch", None, None, None,
           "prefix hits go through the connector API (get_num_new_matched_tokens, update_state_after_alloc)"),
-    Patch("attention", "Attention patch", None, None, None,
-          "vLLM 0.32 calls wait_for_layer_load/save_kv_layer around each attention layer (maybe_transfer_kv_layer)"),
+    Patch("attention", "Attention patch", "vllm.model_executor.layers.attention.attention", "Attention",
+          _patch_attention, "BlendConnector's selective recompute: check layer, attention for the selected tokens",
+          "BlendConnector cannot blend (it falls back to prefix caching); UCMConnector is unaffected"),
+    Patch("decoder_layer", "Decoder layer patch (Llama family)", "vllm.model_executor.models.llama",
+          "LlamaDecoderLayer", _patch_llama_decoder_layer,
+          "BlendConnector: layers after the check layer run on the recomputed tokens only",
+          "BlendConnector cannot blend (it falls back to prefix caching); UCMConnector is unaffected"),
 )

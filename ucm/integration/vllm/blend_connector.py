@@ -1,0 +1,350 @@
+"""BlendConnector: reuse the KV of documents that are not a prefix (CacheBlend), on vLLM 0.32.
+
+A prompt is split into chunks (a separator token, or `kv_transfer_params={"ucm_blend_chunks":
+[[start, end], ...]}`); each chunk's blocks have ids that restart from the root seed, so a document
+cached on its own is found anywhere in a later prompt.
+
+Saving: a chunk that starts at the prompt's first token was computed with nothing before it, which is
+the KV every later prompt can reuse; its full blocks are stored (blend page format below) once the
+chunk is computed. A document sent alone, or first, populates the cache.
+
+Blending, for a request whose chunks are (partly) stored and whose whole prompt is prefilled in one
+step: vLLM is told of no external tokens and computes the prompt; before the forward pass the worker
+reads the stored chunk blocks, rotates their keys to the new positions (ucm/kernels/rope.py), writes
+them into the paged cache of every layer, and activates a `BlendStep` (blend_step.py): the layers up
+to `blend.check_layer` run on every token, the check layer keeps the `recompute_ratio` share of reused
+tokens whose keys deviate most (plus every token not reused and the last one), and the later layers
+run on those tokens only. Anything that prevents this (no chunks or hits, a prompt prefilled in
+several steps, RoPE that is not a pure rotation, the patches not applied) falls back to UCMConnector's
+prefix caching, with a log line.
+
+Blend page of a chunk block: [layers, 2 (K, V), block_size, kv_heads, head_dim] in the cache dtype,
+keys at canonical positions (the chunk's first token at position 0). Same bytes per page as
+UCMConnector's pages; the ids differ (the seed's `extra` gains "|blend").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorRole
+
+from ucm.chunks import Chunk, from_boundaries, split_by_separator
+from ucm.config import BlendConfig
+from ucm.hashing import RequestHasher
+from ucm.integration.vllm import blend_step
+from ucm.integration.vllm.ucm_connector import UCMConnector, UCMConnectorMetadata, request_salt
+from ucm.kernels.rope import RopeSpec, RopeUnsupported, rerotate
+from ucm.logger import get_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = get_logger("Blend")
+CHUNKS_PARAM = "ucm_blend_chunks"
+
+
+@dataclass
+class ChunkLoad:
+    ids: list[bytes]  # stored blocks of the chunk, in order
+    start: int  # the chunk's first token in this prompt (its keys move from 0 to here)
+    tokens: int  # tokens reused (<= len(ids) * block_size)
+
+
+@dataclass
+class ChunkSave:
+    ids: list[bytes]
+    start: int
+    end: int  # all of [start, end) must be computed before the save
+
+
+@dataclass
+class BlendRequestMeta:
+    req_id: str
+    block_ids: list[int]
+    loads: list[ChunkLoad] = field(default_factory=list)
+    saves: list[ChunkSave] = field(default_factory=list)
+
+
+@dataclass
+class BlendMetadata(UCMConnectorMetadata):
+    blend: list[BlendRequestMeta] = field(default_factory=list)
+
+
+@dataclass
+class _Plan:
+    """Scheduler side: what a request reuses and what it saves."""
+
+    loads: list[ChunkLoad]
+    saves: list[ChunkSave]
+    prompt_tokens: int
+    block_ids: list[int] = field(default_factory=list)
+
+
+class BlendConnector(UCMConnector):
+    """kv_connector="BlendConnector"; the `blend` section of the YAML configures it."""
+
+    def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
+        super().__init__(vllm_config, role, kv_cache_config)
+        # blended steps bypass vLLM's per-layer connector calls after the check layer: loads are whole
+        self.config = self.config.replace(transfer=dataclasses.replace(self.config.transfer, layerwise_load=False))
+        self.blend = self.config.blend or BlendConfig()
+        seed = self.request_hasher.seed
+        self.chunk_hasher = RequestHasher(dataclasses.replace(seed, extra=f"{seed.extra}|blend"))
+        self._plans: dict[str, _Plan] = {}
+        self.rope: RopeSpec | None = None
+        self._why_not = ""
+        try:
+            self.rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_config)
+        except (RopeUnsupported, TypeError, AttributeError) as e:
+            self._why_not = f"RoPE cannot be re-rotated ({e})"
+        from ucm.integration.vllm.patch.apply_patch import patch_report
+
+        report = patch_report()
+        for name in ("attention", "decoder_layer"):
+            state = report.get(name, "missing")
+            if state != "APPLIED" and not state.startswith("PENDING"):
+                self._why_not = self._why_not or f"patch {name} is {state}"
+        if self._why_not:
+            log.warning("blending disabled, prefix caching only: %s", self._why_not)
+        self._layer_names: list[str] = []  # worker: attention layers, in order
+        self._captures: list = []  # this step's (request, chunk) saves, in capture order
+        log.info("blend connector (%s): separator %s, recompute %.0f%%, check layer %d, chunks >= %d tokens",
+                 "scheduler" if role == KVConnectorRole.SCHEDULER else "worker", self.blend.separator,
+                 100 * self.blend.recompute_ratio, self.blend.check_layer, self.blend.min_chunk_tokens)
+
+    # ---- scheduler side ---------------------------------------------------------------------------
+    def _chunks(self, request: "Request") -> list[Chunk]:
+        tokens = request.prompt_token_ids or []
+        params = getattr(request, "kv_transfer_params", None) or {}
+        if CHUNKS_PARAM in params:
+            try:
+                return from_boundaries(params[CHUNKS_PARAM], len(tokens), self.blend.min_chunk_tokens)
+            except ValueError as e:
+                log.warning("req %s: kv_transfer_params[%r] ignored: %s", request.request_id, CHUNKS_PARAM, e)
+                return []
+        if self.blend.separator is None:
+            return []
+        return split_by_separator(tokens, self.blend.separator, self.blend.min_chunk_tokens)
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        if self._why_not:
+            return super().get_num_new_matched_tokens(request, num_computed_tokens)
+        chunks = self._chunks(request)
+        tokens = request.prompt_token_ids or []
+        bs, salt = self.block_size, request_salt(request)
+        loads, saves = [], []
+        for c in chunks:
+            ids = self.chunk_hasher.generate_block_hashes(tokens[c.start:c.end], bs, salt=salt)
+            if not ids:
+                continue
+            stored = self.store.lookup_prefix(ids)
+            reuse = min(stored * bs, len(tokens) - 1 - c.start)  # the last prompt token is always computed
+            if reuse > 0 and c.start >= num_computed_tokens:
+                loads.append(ChunkLoad(ids[:-(-reuse // bs)], c.start, reuse))
+            if c.start == 0 and stored < len(ids):
+                saves.append(ChunkSave(ids, 0, len(ids) * bs))
+        if not loads:
+            if saves:
+                self._plans[request.request_id] = _Plan([], saves, len(tokens))
+            return super().get_num_new_matched_tokens(request, num_computed_tokens)
+        self._plans[request.request_id] = _Plan(loads, saves, len(tokens))
+        log.debug("req %s: %d chunks, %d stored in part or whole (%d tokens)", request.request_id, len(chunks),
+                  len(loads), sum(x.tokens for x in loads))
+        return 0, False  # vLLM computes the prompt; the worker blends the stored chunks into it
+
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
+        base = super().build_connector_meta(scheduler_output)
+        meta = BlendMetadata(requests=base.requests, preempted=base.preempted)
+        sched = scheduler_output.num_scheduled_tokens
+        steps = [(r.req_id, r.num_computed_tokens, list(r.block_ids[0]), True) for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            plan = self._plans.get(req_id)
+            if plan is not None and cached.new_block_ids[i] is not None:
+                plan.block_ids += cached.new_block_ids[i][0]
+            steps.append((req_id, cached.num_computed_tokens[i], None, False))
+        for req_id, computed, block_ids, new in steps:
+            plan = self._plans.get(req_id)
+            if plan is None:
+                continue
+            if block_ids is not None:
+                plan.block_ids = block_ids
+            after = computed + sched.get(req_id, 0)
+            rm = BlendRequestMeta(req_id, list(plan.block_ids))
+            if plan.loads and new:
+                if after >= plan.prompt_tokens and computed <= min(x.start for x in plan.loads):
+                    rm.loads = plan.loads
+                else:
+                    log.info("req %s: not blended: its prompt is prefilled in several steps (chunked prefill); "
+                             "raise max_num_batched_tokens to blend prompts of %d tokens", req_id, plan.prompt_tokens)
+                plan.loads = []
+            rm.saves = [s for s in plan.saves if s.end <= after]
+            plan.saves = [s for s in plan.saves if s.end > after]
+            if rm.loads or rm.saves:
+                meta.blend.append(rm)
+            if rm.loads or rm.saves:  # blending and capturing are armed before the forward pass
+                scheduler_output.has_sync_kv_loads = True
+            if not plan.saves and not plan.loads:
+                self._plans.pop(req_id, None)
+        return meta
+
+    def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict | None]:
+        self._plans.pop(request.request_id, None)
+        return super().request_finished(request, block_ids)
+
+    # ---- worker side ------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        super().register_kv_caches(kv_caches)
+        self._layer_names = sorted(kv_caches, key=blend_step.layer_index)
+
+    def _layers(self, forward_context: "ForwardContext") -> list | None:
+        """The attention layers in order, if their backend is the one blending knows (vLLM 0.32 CPU)."""
+        layers = [forward_context.no_compile_layers[n] for n in self._layer_names]
+        impl = type(layers[0].impl).__name__
+        if impl != "CPUAttentionBackendImpl":
+            if not self._why_not:
+                self._why_not = f"attention backend {impl} (blending runs on vLLM's CPU backend)"
+                log.warning("blending disabled, prefix caching only: %s", self._why_not)
+            return None
+        return layers
+
+    def _page_shape(self, layers) -> tuple[int, ...]:
+        a = layers[0]
+        return (len(layers), 2, self.block_size, a.num_kv_heads, a.head_size)
+
+    def _slots(self, block_ids: list[int], start: int, n: int) -> torch.Tensor:
+        pos = torch.arange(start, start + n)
+        return torch.tensor(block_ids, dtype=torch.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
+
+    def _rope_backend(self, t: torch.Tensor) -> str:
+        return "triton" if t.is_cuda else "torch"
+
+    def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
+        super().start_load_kv(forward_context, **kwargs)
+        blend_step.set_active(None)
+        meta = self._get_connector_metadata()
+        todo = [rm for rm in getattr(meta, "blend", []) if rm.loads or rm.saves]
+        if not todo or self._why_not:
+            return
+        layers = self._layers(forward_context)
+        if layers is None:
+            return
+        slot_mapping = forward_context.slot_mapping[self._layer_names[0]]
+        md = forward_context.attn_metadata[self._layer_names[0]]
+        n_batch = int(md.query_start_loc[-1])
+        batch_slots = slot_mapping[:n_batch].long()
+        live = batch_slots >= 0  # padding has slot -1
+        inverse = torch.full((int(batch_slots.max()) + 1,), -1, dtype=torch.int64)
+        inverse[batch_slots[live]] = torch.arange(n_batch)[live]
+
+        def batch_positions(slots: torch.Tensor) -> torch.Tensor:
+            idx = inverse[slots.clamp(max=inverse.numel() - 1)]
+            return torch.where(slots < inverse.numel(), idx, torch.full_like(idx, -1))
+
+        t0 = time.perf_counter()
+        reused, cached_k, capture, self._captures = [], [], [], []
+        for rm in todo:
+            for load in rm.loads:
+                got = self._load_chunk(rm, load, layers, batch_positions)
+                if got is not None:
+                    reused.append(got[0])
+                    cached_k.append(got[1])
+            for save in rm.saves:
+                idx = batch_positions(self._slots(rm.block_ids, save.start, save.end - save.start))
+                if (idx < 0).any():
+                    log.info("req %s: chunk [%d, %d) not saved: part of it was computed in an earlier step",
+                             rm.req_id, save.start, save.end)
+                    continue
+                capture.append(idx)
+                self._captures.append((rm, save))
+        if not reused and not capture:
+            return
+        a = layers[0]
+        step = blend_step.BlendStep(
+            self.blend.check_layer, self.blend.recompute_ratio,
+            torch.cat(reused) if reused else torch.empty(0, dtype=torch.int64),
+            torch.cat(cached_k) if cached_k else torch.empty(0, a.num_kv_heads, a.head_size),
+            last_tokens=(md.query_start_loc[1:] - 1).tolist(), capture_idx=torch.cat(capture) if capture else None)
+        blend_step.set_active(step)
+        if reused:
+            n = step.reused_idx.numel()
+            self._stats.data["blend_reused_tokens"] = self._stats.data.get("blend_reused_tokens", 0) + n
+            log.info("blend: %d tokens of %d requests reused at new positions (loaded and rotated in %.1f ms); "
+                     "recomputing %.0f%% of them from layer %d", n, sum(1 for rm in todo if rm.loads),
+                     1e3 * (time.perf_counter() - t0), 100 * self.blend.recompute_ratio, self.blend.check_layer + 1)
+
+    def _load_chunk(self, rm: BlendRequestMeta, load: ChunkLoad, layers, batch_positions):
+        """Read a chunk's blocks, rotate their keys, write them into every layer's paged cache with
+        vLLM's own cache op; (batch positions, check-layer keys) of the tokens placed, or None if the
+        chunk cannot be used (it is then computed in full)."""
+        shape = self._page_shape(layers)
+        n_layers, _, bs, heads, dim = shape
+        dtype = layers[0].kv_cache.dtype
+        buf = torch.empty((len(load.ids),) + shape, dtype=dtype)
+        task = self.store.load(load.ids, 0, buf.view(len(load.ids), -1).view(torch.uint8))
+        if self.store.wait(task):
+            log.warning("req %s: chunk at %d not reused: %s", rm.req_id, load.start, next(iter(task.errors.values())))
+            return None
+        n = load.tokens
+        # [blocks, layers, 2, bs, heads, dim] -> per layer [tokens, heads, dim]
+        k = buf[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, :n].contiguous()
+        v = buf[:, :, 1].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, :n].contiguous()
+        if load.start:
+            rerotate(k.view(n_layers * n, heads, dim), load.start, self.rope, self._rope_backend(k))
+        slots = self._slots(rm.block_ids, load.start, n)
+        idx = batch_positions(slots)
+        live = idx >= 0  # tokens this step computes (not already in vLLM's cache)
+        slots, idx = slots[live], idx[live]
+        for layer, attn in enumerate(layers):
+            attn.impl.do_kv_cache_update(attn, k[layer][live], v[layer][live], attn.kv_cache, slots)
+        return idx, k[min(self.blend.check_layer, n_layers - 1)][live]
+
+    def wait_for_save(self):
+        step = blend_step.ACTIVE
+        blend_step.set_active(None)
+        if step is not None and step.reused_idx.numel():
+            self._stats.data["blend_recomputed_tokens"] = (self._stats.data.get("blend_recomputed_tokens", 0)
+                                                           + step.recomputed)
+            log.info("blend: recomputed %d of %d reused tokens after layer %d (%d other tokens computed in all "
+                     "layers)", step.recomputed, step.reused_idx.numel(), step.check_layer,
+                     0 if step.sel is None else step.sel.numel() - step.recomputed)
+        super().wait_for_save()
+        if step is not None and step.capture_idx is not None:
+            at = 0
+            for rm, save in self._captures:
+                n = save.end - save.start
+                self._save_chunk(rm, save, step, at)
+                at += n
+        self._captures = []
+
+    def _save_chunk(self, rm: BlendRequestMeta, save: ChunkSave, step: "blend_step.BlendStep", at: int) -> None:
+        """Blend pages of a chunk from the K/V captured during the forward pass (rows at..at+n)."""
+        n_layers = len(step.captured)
+        if n_layers != len(self._layer_names):
+            log.warning("req %s: chunk not saved: %d of %d layers captured", rm.req_id, n_layers, len(self._layer_names))
+            return
+        k0, _ = step.captured[0]
+        heads, dim = k0.shape[1], k0.shape[2]
+        n, blocks, bs = save.end - save.start, len(save.ids), self.block_size
+        page = torch.empty((blocks, n_layers, 2, bs, heads, dim), dtype=k0.dtype)
+        for layer in range(n_layers):
+            k, v = step.captured[layer]
+            page[:, layer, 0] = k[at:at + n].reshape(blocks, bs, heads, dim)
+            page[:, layer, 1] = v[at:at + n].reshape(blocks, bs, heads, dim)
+        if save.start:  # canonical positions: the chunk's first token at 0
+            keys = page[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers * n, heads, dim).contiguous()
+            rerotate(keys, -save.start, self.rope, self._rope_backend(keys))
+            page[:, :, 0] = keys.view(n_layers, blocks, bs, heads, dim).permute(1, 0, 2, 3, 4)
+        task = self.store.dump(save.ids, 0, page.view(blocks, -1).view(torch.uint8))
+        self.store.wait(task)
+        self.store.commit(save.ids, [i not in task.errors for i in range(blocks)])
+        log.debug("req %s: saved chunk [%d, %d) as %d blend blocks", rm.req_id, save.start, save.end, blocks)

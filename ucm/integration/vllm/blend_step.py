@@ -1,0 +1,116 @@
+"""One forward pass with blended requests: which tokens are recomputed, and attention for that subset.
+
+The blend connector's worker sets `ACTIVE` in `start_load_kv` after writing the reused chunks' KV
+(keys rotated to their new positions) into vLLM's paged cache for every layer, and clears it in
+`wait_for_save`. The vLLM 0.32 patches (patch_funcs/v0_32/vllm_patch.py) consult it:
+
+* layers up to `check_layer` run unchanged on every token (fresh KV overwrites the loaded KV);
+* at `check_layer`, `select()` compares each reused token's fresh key with its cached one and keeps the
+  `ratio` share that deviates most, plus every token that was not reused (missed chunks, separators,
+  the question) and each request's last token;
+* in later layers the decoder layer runs on the selected tokens only, and `attend()` writes their KV
+  and computes their attention over the whole context from the paged cache, where the other tokens'
+  KV is the reused one. That is the work saved;
+* `capture()` keeps the fresh K/V of tokens whose chunk is to be saved (vLLM's CPU cache layout is
+  the ISA's own, e.g. AMX tiles, so KV is taken as it is computed rather than read back).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+_LAYER = re.compile(r"\.(\d+)\.")
+
+
+def layer_index(layer_name: str) -> int:
+    """'model.layers.12.self_attn.attn' -> 12."""
+    m = _LAYER.search(layer_name)
+    if m is None:
+        raise ValueError(f"no layer index in {layer_name!r}")
+    return int(m.group(1))
+
+
+@dataclass
+class BlendStep:
+    check_layer: int
+    ratio: float
+    reused_idx: torch.Tensor  # int64 [n]: batch positions of tokens whose KV was reused
+    cached_k: torch.Tensor  # [n, kv_heads, head_dim]: their reused keys at the check layer
+    last_tokens: list[int] = field(default_factory=list)  # each request's last token in the batch
+    capture_idx: torch.Tensor | None = None  # batch positions whose fresh K/V are kept for saving
+    captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (K, V)
+    sel: torch.Tensor | None = None  # int64, sorted: batch positions computed after the check layer
+    sel_positions: torch.Tensor | None = None  # their token positions (set by the decoder layer)
+    recomputed: int = 0  # reused tokens recomputed anyway (the deviating ones)
+
+    def select(self, fresh_keys: torch.Tensor) -> None:
+        """At the check layer: fresh_keys [batch tokens, kv_heads, head_dim], all tokens."""
+        n = self.reused_idx.numel()
+        if not n:
+            return  # nothing reused: every layer runs on every token
+        keep = torch.ones(fresh_keys.shape[0], dtype=torch.bool, device=fresh_keys.device)
+        keep[self.reused_idx] = False
+        diff = fresh_keys[self.reused_idx].float() - self.cached_k.float()
+        deviation = (diff * diff).sum(dim=(1, 2))
+        k = min(n, math.ceil(self.ratio * n))
+        if k:
+            keep[self.reused_idx[deviation.topk(k).indices]] = True
+        self.recomputed = k
+        if self.last_tokens:
+            keep[torch.tensor(self.last_tokens, device=keep.device)] = True
+        self.sel = keep.nonzero().squeeze(1)
+
+    def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, subset: bool) -> None:
+        """Keep this layer's fresh K/V of the tokens to save (rows of the subset after the check layer;
+        tokens saved are never reused ones, so they are always in it)."""
+        if self.capture_idx is None:
+            return
+        rows = torch.searchsorted(self.sel, self.capture_idx) if subset else self.capture_idx
+        self.captured[layer] = (key[rows].clone(), value[rows].clone())
+
+    def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention for the selected tokens only (query/key/value hold those rows): write their KV with
+        vLLM's own cache op, then run vLLM's attention kernel with each selected token as a one-token
+        sequence whose length is its position + 1 (causal by position; the kernel's cache layout is the
+        ISA's, e.g. AMX tiles, so nothing here reads the cache itself)."""
+        from vllm import _custom_ops as ops
+        from vllm import envs
+        from vllm.model_executor.layers.attention.attention import get_attention_context
+
+        md, _, kv_cache, slot_mapping = get_attention_context(layer.layer_name)
+        slots = (md.slot_mapping if slot_mapping is None else slot_mapping)[self.sel]
+        heads, kv_heads, d, dv = layer.num_heads, layer.num_kv_heads, layer.head_size, layer.head_size_v
+        n = self.sel.numel()
+        layer.impl.do_kv_cache_update(layer, key.view(n, kv_heads, d), value.view(n, kv_heads, dv), kv_cache, slots)
+        req_of = torch.searchsorted(md.query_start_loc[1:], self.sel.to(md.query_start_loc.dtype), right=True)
+        seq_lens = (self.sel_positions + 1).to(md.seq_lens.dtype)
+        qsl = torch.arange(n + 1, dtype=md.query_start_loc.dtype)
+        sched = ops.cpu_attn_get_scheduler_metadata(
+            num_reqs=n, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens, dtype=query.dtype,
+            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=layer.isa,
+            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=layer.impl.kv_cache_dtype)
+        step_md = dataclasses.replace(md, num_actual_tokens=n, max_query_len=1, query_start_loc=qsl,
+                                      max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
+                                      block_table=md.block_table[req_of], slot_mapping=slots,
+                                      scheduler_metadata=sched, causal=True, dynamic_causal=None)
+        out = torch.empty(n, heads, dv, dtype=query.dtype, device=query.device)
+        layer.impl.forward(layer, query.view(n, heads, d), key.view(n, kv_heads, d), value.view(n, kv_heads, dv),
+                           kv_cache, step_md, out)
+        return out.view(n, heads * dv)
+
+
+ACTIVE: BlendStep | None = None  # the forward pass in progress, if it blends
+
+
+def active() -> BlendStep | None:
+    return ACTIVE
+
+
+def set_active(step: BlendStep | None) -> None:
+    global ACTIVE
+    ACTIVE = step
