@@ -5,7 +5,8 @@ Usage: python vllm_runner.py SPEC.json   (SPEC written by vllm_harness.run_vllm)
 SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?, "extra"},
        "prefix_caching": bool, "dtype", "block_size", "max_tokens", "max_num_batched_tokens"?,
        "phases": [[prompt, ...], ...],   each phase is one llm.generate call (one batch); a prompt is a
-                                         list of token ids or {"tokens": [...], "salt": cache_salt}
+                                         list of token ids or {"tokens": [...], "salt"?: cache_salt,
+                                         "chunks"?: [[start, end], ...] (BlendConnector boundaries)}
        "hooks"?: {phase index: {"before": shell command, "during": [seconds, shell command]}}}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens"}, ...], ...],
@@ -48,12 +49,20 @@ def main() -> None:
                                                     kv_connector_module_path=c.get("kv_connector_module_path"),
                                                     kv_connector_extra_config=c.get("extra") or {})
     llm = LLM(**kw)
-    params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=1,
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 8), temperature=0.0, logprobs=spec.get("logprobs", 1),
                             ignore_eos=True)
+
     def prompt(p):
         if isinstance(p, dict):
-            return TokensPrompt(prompt_token_ids=p["tokens"], cache_salt=p["salt"])
+            kw = {"cache_salt": p["salt"]} if p.get("salt") else {}
+            return TokensPrompt(prompt_token_ids=p["tokens"], **kw)
         return TokensPrompt(prompt_token_ids=p)
+
+    def sampling(p):
+        if isinstance(p, dict) and p.get("chunks") is not None:
+            return SamplingParams(max_tokens=params.max_tokens, temperature=0.0, logprobs=params.logprobs,
+                                  ignore_eos=True, extra_args={"kv_transfer_params": {"ucm_blend_chunks": p["chunks"]}})
+        return params
 
     phases, phase_metrics = [], []
     for k, phase in enumerate(spec["phases"]):
@@ -66,7 +75,7 @@ def main() -> None:
             timer = threading.Timer(delay, subprocess.run, args=(cmd,), kwargs={"shell": True})
             timer.start()
         before = _metric_values(llm)
-        outs = llm.generate([prompt(p) for p in phase], params, use_tqdm=False)
+        outs = llm.generate([prompt(p) for p in phase], [sampling(p) for p in phase], use_tqdm=False)
         if timer is not None:
             timer.join()
         res = []

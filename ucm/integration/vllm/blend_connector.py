@@ -63,7 +63,9 @@ class ChunkLoad:
 class ChunkSave:
     ids: list[bytes]
     start: int
-    end: int  # all of [start, end) must be computed before the save
+    end: int
+    part: tuple[int, int] = (0, 0)  # tokens of the chunk this step computes (their K/V are captured)
+    final: bool = False  # the chunk is complete after this step: save it
 
 
 @dataclass
@@ -117,6 +119,7 @@ class BlendConnector(UCMConnector):
             log.warning("blending disabled, prefix caching only: %s", self._why_not)
         self._layer_names: list[str] = []  # worker: attention layers, in order
         self._captures: list = []  # this step's (request, chunk) saves, in capture order
+        self._partial: dict[tuple[str, int], list] = {}  # (request, chunk start) -> captured parts so far
         log.info("blend connector (%s): separator %s, recompute %.0f%%, check layer %d, chunks >= %d tokens",
                  "scheduler" if role == KVConnectorRole.SCHEDULER else "worker", self.blend.separator,
                  100 * self.blend.recompute_ratio, self.blend.check_layer, self.blend.min_chunk_tokens)
@@ -187,7 +190,8 @@ class BlendConnector(UCMConnector):
                     log.info("req %s: not blended: its prompt is prefilled in several steps (chunked prefill); "
                              "raise max_num_batched_tokens to blend prompts of %d tokens", req_id, plan.prompt_tokens)
                 plan.loads = []
-            rm.saves = [s for s in plan.saves if s.end <= after]
+            rm.saves = [dataclasses.replace(s, part=(max(s.start, computed), min(s.end, after)), final=s.end <= after)
+                        for s in plan.saves if computed < s.end and s.start < after]
             plan.saves = [s for s in plan.saves if s.end > after]
             if rm.loads or rm.saves:
                 meta.blend.append(rm)
@@ -259,10 +263,12 @@ class BlendConnector(UCMConnector):
                     reused.append(got[0])
                     cached_k.append(got[1])
             for save in rm.saves:
-                idx = batch_positions(self._slots(rm.block_ids, save.start, save.end - save.start))
-                if (idx < 0).any():
-                    log.info("req %s: chunk [%d, %d) not saved: part of it was computed in an earlier step",
-                             rm.req_id, save.start, save.end)
+                a, b = save.part
+                idx = batch_positions(self._slots(rm.block_ids, a, b - a))
+                if (idx < 0).any():  # not expected: the scheduler names this step's tokens
+                    log.warning("req %s: chunk [%d, %d) not saved: tokens %d..%d are not in this step",
+                                rm.req_id, save.start, save.end, a, b)
+                    self._partial.pop((rm.req_id, save.start), None)
                     continue
                 capture.append(idx)
                 self._captures.append((rm, save))
@@ -319,27 +325,41 @@ class BlendConnector(UCMConnector):
                      0 if step.sel is None else step.sel.numel() - step.recomputed)
         super().wait_for_save()
         if step is not None and step.capture_idx is not None:
+            if len(step.captured) != len(self._layer_names):
+                log.warning("chunks not saved: %d of %d layers captured", len(step.captured), len(self._layer_names))
+                self._captures = []
             at = 0
-            for rm, save in self._captures:
-                n = save.end - save.start
-                self._save_chunk(rm, save, step, at)
+            for rm, save in self._captures:  # this step's part of each chunk, in capture order
+                n = save.part[1] - save.part[0]
+                parts = self._partial.setdefault((rm.req_id, save.start), [])
+                parts.append([(k[at:at + n], v[at:at + n]) for k, v in (step.captured[i]
+                                                                        for i in range(len(self._layer_names)))])
                 at += n
+                if save.final:
+                    self._save_chunk(rm, save, self._partial.pop((rm.req_id, save.start)))
         self._captures = []
 
-    def _save_chunk(self, rm: BlendRequestMeta, save: ChunkSave, step: "blend_step.BlendStep", at: int) -> None:
-        """Blend pages of a chunk from the K/V captured during the forward pass (rows at..at+n)."""
-        n_layers = len(step.captured)
-        if n_layers != len(self._layer_names):
-            log.warning("req %s: chunk not saved: %d of %d layers captured", rm.req_id, n_layers, len(self._layer_names))
-            return
-        k0, _ = step.captured[0]
+    def get_finished(self, finished_req_ids: set[str]):
+        for key in [k for k in self._partial if k[0] in finished_req_ids]:
+            del self._partial[key]  # a request that ended before its chunk was complete
+        return super().get_finished(finished_req_ids)
+
+    def _save_chunk(self, rm: BlendRequestMeta, save: ChunkSave, parts: list) -> None:
+        """Blend pages of a chunk from the K/V captured during the forward passes that computed it."""
+        n_layers = len(self._layer_names)
+        k0 = parts[0][0][0]
         heads, dim = k0.shape[1], k0.shape[2]
         n, blocks, bs = save.end - save.start, len(save.ids), self.block_size
         page = torch.empty((blocks, n_layers, 2, bs, heads, dim), dtype=k0.dtype)
         for layer in range(n_layers):
-            k, v = step.captured[layer]
-            page[:, layer, 0] = k[at:at + n].reshape(blocks, bs, heads, dim)
-            page[:, layer, 1] = v[at:at + n].reshape(blocks, bs, heads, dim)
+            k = torch.cat([p[layer][0] for p in parts])
+            v = torch.cat([p[layer][1] for p in parts])
+            if k.shape[0] != n:
+                log.warning("req %s: chunk [%d, %d) not saved: %d of its tokens captured", rm.req_id, save.start,
+                            save.end, k.shape[0])
+                return
+            page[:, layer, 0] = k.reshape(blocks, bs, heads, dim)
+            page[:, layer, 1] = v.reshape(blocks, bs, heads, dim)
         if save.start:  # canonical positions: the chunk's first token at 0
             keys = page[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers * n, heads, dim).contiguous()
             rerotate(keys, -save.start, self.rope, self._rope_backend(keys))

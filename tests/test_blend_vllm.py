@@ -1,0 +1,98 @@
+"""BlendConnector end to end on the real vLLM CPU build and SmolLM2-135M: documents cached one by one,
+then prompts that place them in new orders after a new preamble; chunk boundaries by separator token
+and by kv_transfer_params; the fallbacks to prefix caching."""
+
+import functools
+import re
+
+import pytest
+
+from vllm_harness import BLOCK, EXT, prompt_tokens, run_vllm, ucm_connector
+
+pytestmark = pytest.mark.vllm
+SEP = 45596  # "|||": one token in SmolLM2's vocabulary, absent from the test text
+
+
+def _text(n, offset):
+    return [t for t in prompt_tokens(n, offset) if t != SEP]
+
+
+DOCS = [_text(200, 600 * k) for k in range(3)]
+PRE_A, PRE_B = _text(30, 3000), _text(40, 3200)
+QUESTION = _text(20, 3400)
+RAG = [PRE_B + [SEP] + DOCS[2] + [SEP] + DOCS[0] + [SEP] + DOCS[1] + [SEP] + QUESTION,
+       PRE_A + [SEP] + DOCS[1] + [SEP] + DOCS[2] + [SEP] + QUESTION]
+REUSED = [sum(len(DOCS[k]) // BLOCK * BLOCK for k in (2, 0, 1)), sum(len(DOCS[k]) // BLOCK * BLOCK for k in (1, 2))]
+
+
+def blend(root, **kw) -> dict:
+    c = ucm_connector(root, name="BlendConnector", blend={"separator": SEP, **kw})
+    return c
+
+
+def reused_tokens(log: str) -> list[int]:
+    return [int(m) for m in re.findall(r"\[UCM\.Blend\] blend: (\d+) tokens of \d+ requests reused", log)]
+
+
+@functools.lru_cache(maxsize=None)
+def full_prefill() -> dict:
+    return run_vllm([[p] for p in RAG], max_tokens=8)
+
+
+def agreement(got, ref) -> int:
+    n = 0
+    for a, b in zip(got["tokens"], ref["tokens"]):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def test_documents_cached_alone_are_reused_in_new_orders_after_a_new_preamble(tmp_path):
+    r = run_vllm([[d + [SEP]] for d in DOCS] + [[p] for p in RAG], connector=blend(str(tmp_path)), max_tokens=8)
+    assert reused_tokens(r["log"]) == REUSED, r["log"][-3000:]
+    for k in range(3, 5):
+        assert r["phase_metrics"][k].get(EXT, 0) == 0, "blended tokens are not prefix hits"
+    ref = full_prefill()["phases"]
+    for k in range(2):
+        got = r["phases"][3 + k][0]
+        # coherent: the first token is full prefill's, and the model is as sure of its continuation as of
+        # real text (broken KV gives tokens of very low probability); quality in bench/results/blend.md
+        assert agreement(got, ref[k][0]) >= 1, (got["tokens"], ref[k][0]["tokens"])
+        assert sum(got["logprobs"]) / len(got["logprobs"]) > -3.0, got["logprobs"]
+    assert "recomputed" in r["log"]
+
+
+def test_chunk_boundaries_from_kv_transfer_params(tmp_path):
+    docs = [{"tokens": d, "chunks": [[0, len(d)]]} for d in DOCS[:2]]
+    prompt = PRE_A + DOCS[1] + DOCS[0] + QUESTION
+    a, b = len(PRE_A), len(PRE_A) + len(DOCS[1])
+    rag = {"tokens": prompt, "chunks": [[a, b], [b, b + len(DOCS[0])]]}
+    c = ucm_connector(str(tmp_path), name="BlendConnector", blend={"separator": None})
+    r = run_vllm([[d] for d in docs] + [[rag]], connector=c, max_tokens=4)
+    assert reused_tokens(r["log"]) == [len(DOCS[1]) // BLOCK * BLOCK + len(DOCS[0]) // BLOCK * BLOCK]
+
+
+def test_full_recompute_reproduces_full_prefill(tmp_path):
+    """recompute_ratio 1.0: every reused token is recomputed after the check layer, so the blended pass
+    must give full prefill's tokens (the machinery of the subset pass, checked without approximation)."""
+    r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[0]]], connector=blend(str(tmp_path), recompute_ratio=1.0),
+                 max_tokens=8)
+    assert reused_tokens(r["log"]) == REUSED[:1]
+    assert r["phases"][3][0]["tokens"] == full_prefill()["phases"][0][0]["tokens"]
+
+
+def test_chunked_prefill_falls_back_and_stays_exact(tmp_path):
+    ref = run_vllm([[RAG[1]]], max_tokens=8, max_num_batched_tokens=128)
+    r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[1]]], connector=blend(str(tmp_path)), max_tokens=8,
+                 max_num_batched_tokens=128)
+    assert "not blended: its prompt is prefilled in several steps" in r["log"]
+    assert reused_tokens(r["log"]) == []
+    assert r["phases"][3][0]["tokens"] == ref["phases"][0][0]["tokens"]
+
+
+def test_without_patches_it_is_a_prefix_cache(tmp_path):
+    r = run_vllm([[RAG[0]], [RAG[0]]], connector=blend(str(tmp_path)), max_tokens=8,
+                 env={"UCM_DISABLE_PATCHES": "1"})
+    assert "blending disabled, prefix caching only" in r["log"]
+    assert r["phase_metrics"][1].get(EXT, 0) == (len(RAG[0]) // BLOCK) * BLOCK
