@@ -40,7 +40,7 @@ def test_import_ucm_then_vllm_applies_patches_on_import():
     s = _state("import ucm\n")
     assert s["hook"] and s["patched"] == "kv_cache_allocation"
     assert s["report"] == {"kv_cache_allocation": "APPLIED", "scheduler_output": "NOT NEEDED",
-                           "kv_cache_manager": "NOT NEEDED", "attention": "NOT NEEDED"}
+                           "kv_cache_manager": "NOT NEEDED", "attention": "APPLIED", "decoder_layer": "APPLIED"}
 
 
 def test_vllm_imported_first_is_patched_by_apply_all_patches():
@@ -122,7 +122,7 @@ def test_verify_reports_every_line_with_patches_on(tmp_path):
     assert p.returncode == 0, out + p.stderr[-2000:]
     assert out.startswith("=== UCM Patch Verification ===\n\n1. Import Hook: INSTALLED\n")
     for line in ("2. SchedulerOutput patch: NOT NEEDED (vLLM 0.32 carries connector metadata",
-                 "3. Attention patch: NOT NEEDED (", "4. UCMDirectConnector: AVAILABLE",
+                 "3. Attention patch: APPLIED (BlendConnector", "4. UCMDirectConnector: AVAILABLE",
                  "5. KV cache allocation patch: APPLIED", "vLLM version: 0.32", f"Config: LOADED ({cfg})",
                  f"Storage (ssd): WRITABLE ({tmp_path}/ssd", "Hash determinism: OK", "0 failed, 0 warnings"):
         assert line in out, f"missing {line!r} in:\n{out}"
@@ -136,7 +136,8 @@ def test_verify_with_patches_disabled_and_with_a_broken_config(tmp_path):
     assert "1. Import Hook: DISABLED (UCM_DISABLE_PATCHES=1)" in p.stdout
     assert "5. KV cache allocation patch: DISABLED (UCM_DISABLE_PATCHES=1: layer-wise SSD reads go through a bounce" \
         in p.stdout
-    assert p.returncode == 0 and "0 failed, 2 warnings" in p.stdout, p.stdout
+    assert "3. Attention patch: DISABLED" in p.stdout and "Decoder layer patch (Llama family): DISABLED" in p.stdout
+    assert p.returncode == 0 and "0 failed, 4 warnings" in p.stdout, p.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("host: {capacity: 64, path: /tmp/x}\n")
     p = subprocess.run(VERIFY[:-1] + ["--config", str(bad), "verify"], capture_output=True, text=True, timeout=300)
@@ -154,5 +155,5 @@ def test_verify_when_vllm_was_imported_before_ucm():
     p = _python(code)
     line = next((l for l in p.stdout.splitlines() if l.startswith("LINES ")), None)
     assert line, p.stderr[-3000:]
-    assert line == ("LINES Import Hook=INSTALLED|SchedulerOutput patch=NOT NEEDED|Attention patch=NOT NEEDED|"
+    assert line == ("LINES Import Hook=INSTALLED|SchedulerOutput patch=NOT NEEDED|Attention patch=APPLIED|"
                     "UCMDirectConnector=AVAILABLE|KV cache allocation patch=APPLIED CODE 0")

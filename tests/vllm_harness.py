@@ -52,11 +52,11 @@ def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", 
 
 def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=False, dtype="bfloat16",
              max_tokens=8, max_num_batched_tokens=None, kv_cache_bytes=256 << 20, max_model_len=4096, env=None,
-             timeout=600, hooks=None) -> dict:
+             timeout=600, hooks=None, logprobs=1) -> dict:
     spec = {"model": model_path(), "connector": connector, "prefix_caching": prefix_caching, "dtype": dtype,
             "block_size": BLOCK, "max_tokens": max_tokens, "max_num_batched_tokens": max_num_batched_tokens,
             "kv_cache_bytes": kv_cache_bytes, "max_model_len": max_model_len, "phases": phases,
-            "hooks": {str(k): v for k, v in (hooks or {}).items()}}
+            "hooks": {str(k): v for k, v in (hooks or {}).items()}, "logprobs": logprobs}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     e = dict(os.environ)

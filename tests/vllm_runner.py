@@ -9,7 +9,7 @@ SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?
                                          "chunks"?: [[start, end], ...] (BlendConnector boundaries)}
        "hooks"?: {phase index: {"before": shell command, "during": [seconds, shell command]}}}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
-Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens"}, ...], ...],
+Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens", "first_top"}, ...], ...], "seconds": [per phase],
          "metrics": {name{labels}: value}, "phase_metrics": [...per phase external tokens...]}
 """
 
@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 
 def _metric_values(llm) -> dict:
@@ -64,7 +65,7 @@ def main() -> None:
                                   ignore_eos=True, extra_args={"kv_transfer_params": {"ucm_blend_chunks": p["chunks"]}})
         return params
 
-    phases, phase_metrics = [], []
+    phases, phase_metrics, seconds = [], [], []
     for k, phase in enumerate(spec["phases"]):
         hook = (spec.get("hooks") or {}).get(str(k), {})
         if hook.get("before"):
@@ -75,18 +76,21 @@ def main() -> None:
             timer = threading.Timer(delay, subprocess.run, args=(cmd,), kwargs={"shell": True})
             timer.start()
         before = _metric_values(llm)
+        t0 = time.perf_counter()
         outs = llm.generate([prompt(p) for p in phase], [sampling(p) for p in phase], use_tqdm=False)
+        seconds.append(time.perf_counter() - t0)
         if timer is not None:
             timer.join()
         res = []
         for o in outs:
             comp = o.outputs[0]
             lps = [float(d[t].logprob) for t, d in zip(comp.token_ids, comp.logprobs)]
-            res.append({"tokens": list(comp.token_ids), "logprobs": lps, "num_cached_tokens": o.num_cached_tokens})
+            res.append({"tokens": list(comp.token_ids), "logprobs": lps, "num_cached_tokens": o.num_cached_tokens,
+                        "first_top": {str(t): float(lp.logprob) for t, lp in comp.logprobs[0].items()}})
         phases.append(res)
         after = _metric_values(llm)
         phase_metrics.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
-    print("UCM-RESULT " + json.dumps({"phases": phases, "phase_metrics": phase_metrics,
+    print("UCM-RESULT " + json.dumps({"phases": phases, "phase_metrics": phase_metrics, "seconds": seconds,
                                      "metrics": _metric_values(llm)}), flush=True)
     llm.llm_engine.engine_core.shutdown()
     from ucm.tiers.store import close_shared

@@ -47,6 +47,7 @@ class BlendStep:
     sel: torch.Tensor | None = None  # int64, sorted: batch positions computed after the check layer
     sel_positions: torch.Tensor | None = None  # their token positions (set by the decoder layer)
     recomputed: int = 0  # reused tokens recomputed anyway (the deviating ones)
+    _runs: tuple | None = None  # (query starts, sequence lengths, requests) of the selection's runs
 
     def select(self, fresh_keys: torch.Tensor) -> None:
         """At the check layer: fresh_keys [batch tokens, kv_heads, head_dim], all tokens."""
@@ -73,11 +74,23 @@ class BlendStep:
         rows = torch.searchsorted(self.sel, self.capture_idx) if subset else self.capture_idx
         self.captured[layer] = (key[rows].clone(), value[rows].clone())
 
+    def _query_runs(self, query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The selected tokens as runs of consecutive positions of one request: (query start offsets
+        [runs + 1], sequence length = last position + 1 [runs], request of each run [runs])."""
+        req = torch.searchsorted(query_start_loc[1:], self.sel.to(query_start_loc.dtype), right=True)
+        pos = self.sel_positions
+        new = torch.ones(pos.numel(), dtype=torch.bool)
+        new[1:] = (pos[1:] != pos[:-1] + 1) | (req[1:] != req[:-1])
+        starts = new.nonzero().squeeze(1)
+        ends = torch.cat([starts[1:], torch.tensor([pos.numel()])])
+        qsl = torch.cat([starts, torch.tensor([pos.numel()])])
+        return qsl, pos[ends - 1] + 1, req[starts]
+
     def attend(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention for the selected tokens only (query/key/value hold those rows): write their KV with
-        vLLM's own cache op, then run vLLM's attention kernel with each selected token as a one-token
-        sequence whose length is its position + 1 (causal by position; the kernel's cache layout is the
-        ISA's, e.g. AMX tiles, so nothing here reads the cache itself)."""
+        vLLM's own cache op, then run vLLM's attention kernel with each run of consecutive selected
+        tokens as a sequence that ends at the run's last position (queries are then causal by position;
+        the kernel's cache layout is the ISA's, e.g. AMX tiles, so nothing here reads the cache)."""
         from vllm import _custom_ops as ops
         from vllm import envs
         from vllm.model_executor.layers.attention.attention import get_attention_context
@@ -87,16 +100,17 @@ class BlendStep:
         heads, kv_heads, d, dv = layer.num_heads, layer.num_kv_heads, layer.head_size, layer.head_size_v
         n = self.sel.numel()
         layer.impl.do_kv_cache_update(layer, key.view(n, kv_heads, d), value.view(n, kv_heads, dv), kv_cache, slots)
-        req_of = torch.searchsorted(md.query_start_loc[1:], self.sel.to(md.query_start_loc.dtype), right=True)
-        seq_lens = (self.sel_positions + 1).to(md.seq_lens.dtype)
-        qsl = torch.arange(n + 1, dtype=md.query_start_loc.dtype)
+        if self._runs is None:
+            self._runs = self._query_runs(md.query_start_loc)
+        qsl, seq_lens, rows = (t.to(md.query_start_loc.dtype) for t in self._runs)
+        n_runs = seq_lens.numel()
         sched = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=n, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens, dtype=query.dtype,
+            num_reqs=n_runs, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens, dtype=query.dtype,
             query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=layer.isa,
             enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=layer.impl.kv_cache_dtype)
-        step_md = dataclasses.replace(md, num_actual_tokens=n, max_query_len=1, query_start_loc=qsl,
-                                      max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
-                                      block_table=md.block_table[req_of], slot_mapping=slots,
+        step_md = dataclasses.replace(md, num_actual_tokens=n, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
+                                      query_start_loc=qsl, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
+                                      block_table=md.block_table[rows.long()], slot_mapping=slots,
                                       scheduler_metadata=sched, causal=True, dynamic_causal=None)
         out = torch.empty(n, heads, dv, dtype=query.dtype, device=query.device)
         layer.impl.forward(layer, query.view(n, heads, d), key.view(n, kv_heads, d), value.view(n, kv_heads, dv),

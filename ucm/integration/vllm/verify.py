@@ -63,7 +63,8 @@ def _patch_checks() -> list[Check]:
 
     return [hook, patch_check("scheduler_output", "SchedulerOutput patch"), patch_check("attention", "Attention patch"),
             _connector_check(), patch_check("kv_cache_allocation", "KV cache allocation patch"),
-            patch_check("kv_cache_manager", "KV cache manager patch")]
+            patch_check("kv_cache_manager", "KV cache manager patch"),
+            patch_check("decoder_layer", "Decoder layer patch (Llama family)")]
 
 
 def _connector_check() -> Check:
