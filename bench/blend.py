@@ -118,16 +118,21 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--ttft-prompts", type=int, default=5)
+    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="recompute ratios to run")
+    ap.add_argument("--chunk-start-tokens", type=int, default=0, help="blend.chunk_start_tokens")
+    ap.add_argument("--span", type=int, default=16, help="blend.recompute_span")
     args = ap.parse_args()
     docs, prompts = build(args.prompts, args.ttft_prompts)
     tok = tokenizer()
-    configs = [("full prefill", None)] + [(f"blend {int(100 * r)}%", r) for r in RATIOS]
+    configs = [("full prefill", None)] + [(f"blend {round(100 * float(r))}%", float(r)) for r in args.ratios.split(",")]
     results = {}
     for name, ratio in configs:
         conn = None
         if ratio is not None:
             conn = ucm_connector(tempfile.mkdtemp(prefix="ucm-blend-bench-"), name="BlendConnector",
-                                 host="2GiB", ssd=None, blend={"separator": SEP, "recompute_ratio": ratio})
+                                 host="2GiB", ssd=None, blend={"separator": SEP, "recompute_ratio": ratio,
+                                                               "chunk_start_tokens": args.chunk_start_tokens,
+                                                               "recompute_span": args.span})
         results[name] = run_config(name, docs, prompts, conn)
     quality = [p for p in prompts if not p["ttft"]]
     full_outs, full_ttft, _ = results["full prefill"]
@@ -153,8 +158,9 @@ def main() -> None:
         "# Blend quality and time to first token",
         "",
         f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores; vLLM 0.32 CPU build, SmolLM2-135M-Instruct (bf16), "
-        f"block size 32, check layer 1. `.venv/bin/python bench/blend.py --prompts {args.prompts} --ttft-prompts "
-        f"{args.ttft_prompts}`. {len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
+        f"block size 32, check layer 1, recompute_span {args.span}, chunk_start_tokens {args.chunk_start_tokens}. "
+        f"`.venv/bin/python bench/blend.py --prompts {args.prompts} --ttft-prompts {args.ttft_prompts} --ratios "
+        f"{args.ratios} --span {args.span} --chunk-start-tokens {args.chunk_start_tokens}`. {len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
         f"{n_tok:.0f} prompt tokens on average) with an access code planted in one document; every document was "
         "cached alone first. TTFT: median over "
         f"{args.ttft_prompts} prompts of four 512-token documents (~2,150 tokens), one request at a time in a warm "

@@ -6,12 +6,12 @@ import torch
 from ucm.integration.vllm.blend_step import BlendStep, layer_index
 
 
-def _step(ratio, n_batch=12, reused=(2, 3, 4, 5, 6, 7), last=(11,)):
+def _step(ratio, n_batch=12, reused=(2, 3, 4, 5, 6, 7), last=(11,), span=1):
     g = torch.Generator().manual_seed(0)
     cached = torch.randn(len(reused), 2, 4, generator=g)
     fresh = torch.zeros(n_batch, 2, 4)
     fresh[list(reused)] = cached
-    return BlendStep(1, ratio, torch.tensor(reused), cached, last_tokens=list(last)), fresh
+    return BlendStep(1, ratio, span, torch.tensor(reused), cached, always=list(last)), fresh
 
 
 def test_selection_keeps_the_most_deviating_reused_tokens_and_everything_else():
@@ -21,6 +21,19 @@ def test_selection_keeps_the_most_deviating_reused_tokens_and_everything_else():
     fresh[3] += 0.1
     step.select(fresh)
     assert step.sel.tolist() == [0, 1, 4, 6, 8, 9, 10, 11] and step.recomputed == 2
+
+
+def test_spans_are_selected_whole_by_their_most_deviating_token():
+    step, fresh = _step(ratio=2 / 6, span=2)  # spans of batch positions {2,3} {4,5} {6,7}
+    fresh[7] += 5.0
+    fresh[2] += 0.1
+    step.select(fresh)
+    assert step.sel.tolist() == [0, 1, 6, 7, 8, 9, 10, 11] and step.recomputed == 2
+    step, fresh = _step(ratio=3 / 6, span=2)  # a budget of 3 takes two spans
+    fresh[7] += 5.0
+    fresh[2] += 1.0
+    step.select(fresh)
+    assert step.sel.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11] and step.recomputed == 4
 
 
 def test_ratio_zero_and_one():
@@ -39,7 +52,7 @@ def test_the_last_token_is_always_computed():
 
 
 def test_nothing_reused_means_no_subset():
-    step = BlendStep(1, 0.15, torch.empty(0, dtype=torch.int64), torch.empty(0, 2, 4))
+    step = BlendStep(1, 0.15, 1, torch.empty(0, dtype=torch.int64), torch.empty(0, 2, 4))
     step.select(torch.zeros(5, 2, 4))
     assert step.sel is None
 

@@ -73,11 +73,12 @@ def test_chunk_boundaries_from_kv_transfer_params(tmp_path):
     assert reused_tokens(r["log"]) == [len(DOCS[1]) // BLOCK * BLOCK + len(DOCS[0]) // BLOCK * BLOCK]
 
 
-def test_full_recompute_reproduces_full_prefill(tmp_path):
+@pytest.mark.parametrize("mp", [False, True], ids=["single-process", "multiprocessing"])
+def test_full_recompute_reproduces_full_prefill(tmp_path, mp):
     """recompute_ratio 1.0: every reused token is recomputed after the check layer, so the blended pass
     must give full prefill's tokens (the machinery of the subset pass, checked without approximation)."""
     r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[0]]], connector=blend(str(tmp_path), recompute_ratio=1.0),
-                 max_tokens=8)
+                 max_tokens=8, multiprocessing=mp)
     assert reused_tokens(r["log"]) == REUSED[:1]
     assert r["phases"][3][0]["tokens"] == full_prefill()["phases"][0][0]["tokens"]
 

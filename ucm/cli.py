@@ -98,6 +98,9 @@ def _stats(args: argparse.Namespace) -> int:
                       f"{c['load_errors']} load errors; saved {c['saved_blocks']} ({save_gbs:.2f} GB/s), "
                       f"{c['save_failures']} save failures; flushed to SSD {st['flushed_blocks']}, "
                       f"{st['flush_failures']} flush failures")
+                if c.get("blend_reused_tokens"):
+                    print(f"  blend: {c['blend_reused_tokens']} tokens reused at new positions (not a prefix), "
+                          f"{c.get('blend_recomputed_tokens', 0)} of them recomputed after the check layer")
                 r = rec.get("remote")
                 if r:
                     print(f"  remote tier {r['server']} ({'up' if r['up'] else 'DOWN'}): {c.get('remote_hit_blocks', 0)} "

@@ -89,6 +89,8 @@ class BlendConfig:
     recompute_ratio: float = 0.15  # share of reused tokens recomputed: those whose keys deviate most
     check_layer: int = 1  # layers up to this one are computed for every token; the selection is made here
     min_chunk_tokens: int = 64  # shorter chunks are computed, not looked up
+    chunk_start_tokens: int = 0  # the first tokens of every reused chunk are recomputed regardless
+    recompute_span: int = 16  # tokens selected together (runs that the attention kernel takes as blocks)
 
 
 @dataclass(frozen=True)
@@ -235,7 +237,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
 
 def _blend(section: Any, source: str) -> BlendConfig:
     b = _mapping(section, source, "blend")
-    _check_keys(b, ("separator", "recompute_ratio", "check_layer", "min_chunk_tokens"), source, "blend.")
+    _check_keys(b, ("separator", "recompute_ratio", "check_layer", "min_chunk_tokens", "chunk_start_tokens",
+                    "recompute_span"), source, "blend.")
     sep = b.get("separator")
     if sep is not None and (isinstance(sep, bool) or not isinstance(sep, int) or sep < 0):
         raise ConfigError(source, "blend.separator", sep, "must be a token id (an integer >= 0) or null")
@@ -244,7 +247,9 @@ def _blend(section: Any, source: str) -> BlendConfig:
         raise ConfigError(source, "blend.recompute_ratio", ratio, "must be a number from 0 to 1 (0.15 = 15%)")
     return BlendConfig(separator=sep, recompute_ratio=float(ratio),
                        check_layer=_int_in(b, "check_layer", 1, 0, 1023, source, "blend."),
-                       min_chunk_tokens=_int_in(b, "min_chunk_tokens", 64, 1, 1 << 20, source, "blend."))
+                       min_chunk_tokens=_int_in(b, "min_chunk_tokens", 64, 1, 1 << 20, source, "blend."),
+                       chunk_start_tokens=_int_in(b, "chunk_start_tokens", 0, 0, 1 << 20, source, "blend."),
+                       recompute_span=_int_in(b, "recompute_span", 16, 1, 4096, source, "blend."))
 
 
 REMOTE_SCHEMES = ("redis", "rediss", "unix")

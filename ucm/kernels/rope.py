@@ -135,8 +135,9 @@ def rerotate_torch(keys: torch.Tensor, deltas: int | torch.Tensor, spec: RopeSpe
     if row is not None:
         cos, sin = cos[row.to(keys.device)], sin[row.to(keys.device)]
     cos, sin = cos[:, None, :], sin[:, None, :]
-    a, b = (ix.to(keys.device) for ix in _pairs(spec))
-    x1, x2 = keys[..., a].float(), keys[..., b].float()
+    half, rot = spec.rotary_dim // 2, spec.rotary_dim
+    a, b = (slice(0, half), slice(half, rot)) if spec.style == "neox" else (slice(0, rot, 2), slice(1, rot, 2))
+    x1, x2 = keys[..., a].float(), keys[..., b].float()  # views of the pairs, no gather
     r1 = x1 * cos - x2 * sin
     r2 = x2 * cos + x1 * sin
     keys[..., a] = r1.to(keys.dtype)

@@ -256,12 +256,16 @@ class BlendConnector(UCMConnector):
 
         t0 = time.perf_counter()
         reused, cached_k, capture, self._captures = [], [], [], []
+        always = (md.query_start_loc[1:] - 1).tolist()  # each request's last token
         for rm in todo:
             for load in rm.loads:
                 got = self._load_chunk(rm, load, layers, batch_positions)
                 if got is not None:
-                    reused.append(got[0])
-                    cached_k.append(got[1])
+                    idx, keys = got
+                    first = self.blend.chunk_start_tokens
+                    always += idx[:first].tolist()
+                    reused.append(idx[first:])
+                    cached_k.append(keys[first:])
             for save in rm.saves:
                 a, b = save.part
                 idx = batch_positions(self._slots(rm.block_ids, a, b - a))
@@ -276,10 +280,10 @@ class BlendConnector(UCMConnector):
             return
         a = layers[0]
         step = blend_step.BlendStep(
-            self.blend.check_layer, self.blend.recompute_ratio,
+            self.blend.check_layer, self.blend.recompute_ratio, self.blend.recompute_span,
             torch.cat(reused) if reused else torch.empty(0, dtype=torch.int64),
             torch.cat(cached_k) if cached_k else torch.empty(0, a.num_kv_heads, a.head_size),
-            last_tokens=(md.query_start_loc[1:] - 1).tolist(), capture_idx=torch.cat(capture) if capture else None)
+            always=always, capture_idx=torch.cat(capture) if capture else None)
         blend_step.set_active(step)
         if reused:
             n = step.reused_idx.numel()

@@ -39,15 +39,18 @@ def layer_index(layer_name: str) -> int:
 class BlendStep:
     check_layer: int
     ratio: float
+    span: int  # reused tokens are selected in aligned spans of this many batch positions (1: one by one)
     reused_idx: torch.Tensor  # int64 [n]: batch positions of tokens whose KV was reused
     cached_k: torch.Tensor  # [n, kv_heads, head_dim]: their reused keys at the check layer
-    last_tokens: list[int] = field(default_factory=list)  # each request's last token in the batch
+    always: list[int] = field(default_factory=list)  # batch positions computed in every layer regardless
+                                                     # (each request's last token, each chunk's first tokens)
     capture_idx: torch.Tensor | None = None  # batch positions whose fresh K/V are kept for saving
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (K, V)
     sel: torch.Tensor | None = None  # int64, sorted: batch positions computed after the check layer
     sel_positions: torch.Tensor | None = None  # their token positions (set by the decoder layer)
     recomputed: int = 0  # reused tokens recomputed anyway (the deviating ones)
     _runs: tuple | None = None  # (query starts, sequence lengths, requests) of the selection's runs
+    _metadata: dict = field(default_factory=dict)  # attention metadata of the selection, per layer shape
 
     def select(self, fresh_keys: torch.Tensor) -> None:
         """At the check layer: fresh_keys [batch tokens, kv_heads, head_dim], all tokens."""
@@ -58,12 +61,24 @@ class BlendStep:
         keep[self.reused_idx] = False
         diff = fresh_keys[self.reused_idx].float() - self.cached_k.float()
         deviation = (diff * diff).sum(dim=(1, 2))
-        k = min(n, math.ceil(self.ratio * n))
-        if k:
-            keep[self.reused_idx[deviation.topk(k).indices]] = True
-        self.recomputed = k
-        if self.last_tokens:
-            keep[torch.tensor(self.last_tokens, device=keep.device)] = True
+        budget = min(n, math.ceil(self.ratio * n))
+        if budget and self.span > 1:
+            # spans of `span` consecutive batch positions, ranked by their most deviating token: the
+            # recomputed tokens then form runs that vLLM's kernel attends as blocks, not one by one
+            span_of = self.reused_idx // self.span
+            spans, inverse = torch.unique(span_of, return_inverse=True)
+            score = torch.full((spans.numel(),), -1.0).scatter_reduce(0, inverse, deviation, "amax")
+            counts = torch.bincount(inverse, minlength=spans.numel())
+            order = score.argsort(descending=True)
+            take = order[:int((counts[order].cumsum(0) < budget).sum()) + 1]
+            chosen = torch.isin(inverse, take)
+            keep[self.reused_idx[chosen]] = True
+            self.recomputed = int(chosen.sum())
+        elif budget:
+            keep[self.reused_idx[deviation.topk(budget).indices]] = True
+            self.recomputed = budget
+        if self.always:
+            keep[torch.tensor(self.always, device=keep.device)] = True
         self.sel = keep.nonzero().squeeze(1)
 
     def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, subset: bool) -> None:
@@ -100,18 +115,21 @@ class BlendStep:
         heads, kv_heads, d, dv = layer.num_heads, layer.num_kv_heads, layer.head_size, layer.head_size_v
         n = self.sel.numel()
         layer.impl.do_kv_cache_update(layer, key.view(n, kv_heads, d), value.view(n, kv_heads, dv), kv_cache, slots)
-        if self._runs is None:
-            self._runs = self._query_runs(md.query_start_loc)
-        qsl, seq_lens, rows = (t.to(md.query_start_loc.dtype) for t in self._runs)
-        n_runs = seq_lens.numel()
-        sched = ops.cpu_attn_get_scheduler_metadata(
-            num_reqs=n_runs, num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens, dtype=query.dtype,
-            query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=layer.isa,
-            enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None, kv_cache_dtype=layer.impl.kv_cache_dtype)
-        step_md = dataclasses.replace(md, num_actual_tokens=n, max_query_len=int((qsl[1:] - qsl[:-1]).max()),
-                                      query_start_loc=qsl, max_seq_len=int(seq_lens.max()), seq_lens=seq_lens,
-                                      block_table=md.block_table[rows.long()], slot_mapping=slots,
-                                      scheduler_metadata=sched, causal=True, dynamic_causal=None)
+        shape = (heads, kv_heads, d, query.dtype, layer.isa, layer.impl.kv_cache_dtype)
+        step_md = self._metadata.get(shape)
+        if step_md is None:  # the same for every layer of this shape: built once per step
+            if self._runs is None:
+                self._runs = self._query_runs(md.query_start_loc)
+            qsl, seq_lens, rows = (t.to(md.query_start_loc.dtype) for t in self._runs)
+            sched = ops.cpu_attn_get_scheduler_metadata(
+                num_reqs=seq_lens.numel(), num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens,
+                dtype=query.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=layer.isa,
+                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
+                kv_cache_dtype=layer.impl.kv_cache_dtype)
+            step_md = self._metadata[shape] = dataclasses.replace(
+                md, num_actual_tokens=n, max_query_len=int((qsl[1:] - qsl[:-1]).max()), query_start_loc=qsl,
+                max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=md.block_table[rows.long()],
+                slot_mapping=slots, scheduler_metadata=sched, causal=True, dynamic_causal=None)
         out = torch.empty(n, heads, dv, dtype=query.dtype, device=query.device)
         layer.impl.forward(layer, query.view(n, heads, d), key.view(n, kv_heads, d), value.view(n, kv_heads, dv),
                            kv_cache, step_md, out)
