@@ -119,15 +119,6 @@ def _shared_table(spec: RopeSpec, delta: int, device: str) -> tuple[torch.Tensor
     return both[0], both[1]
 
 
-def _pairs(spec: RopeSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (a, b) of the rotary pairs within a head: x[a], x[b] rotate together by angle i."""
-    half = spec.rotary_dim // 2
-    i = torch.arange(half)
-    if spec.style == "neox":
-        return i, i + half
-    return 2 * i, 2 * i + 1
-
-
 def rerotate_torch(keys: torch.Tensor, deltas: int | torch.Tensor, spec: RopeSpec) -> None:
     """Reference: keys[t] <- R(deltas[t]) keys[t] in place (float32 math, rounded to keys.dtype)."""
     _check(keys, deltas, spec)
