@@ -43,3 +43,19 @@ def run_child(ctx, target, *args, timeout=120):
         p.join(timeout=30)
     assert p.exitcode == 0, f"{target.__name__} exited with {p.exitcode}"
     return result
+
+
+def run_children(ctx, target, arg_tuples, timeout=300) -> list:
+    """Start one child per argument tuple (each gets a result queue last), all at once; their results."""
+    qs, ps = [], []
+    for args in arg_tuples:
+        q = ctx.Queue()
+        p = ctx.Process(target=target, args=(*args, q))
+        p.start()
+        qs.append(q)
+        ps.append(p)
+    results = [q.get(timeout=timeout) for q in qs]
+    for p in ps:
+        p.join(30)
+        assert p.exitcode == 0, f"{target.__name__} exited with {p.exitcode}"
+    return results

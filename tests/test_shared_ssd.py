@@ -5,23 +5,14 @@ another reads, and reservations made on another machine."""
 import os
 import time
 
+from conftest import run_children
 from storekit import PAGE, config, load_check, shared_ssd_worker
 from ucm.tiers import TieredStore
 from ucm.tiers.index import FOREIGN_LEASE_S, HOST_TAG, REC_RES, SlotIndex, _pack
 
 
 def test_instances_with_their_own_host_tiers_share_one_ssd_safely(tmp_path, procs):
-    qs, ps = [], []
-    for tag in range(4):
-        q = procs.Queue()
-        p = procs.Process(target=shared_ssd_worker, args=(str(tmp_path), tag, 30, q))
-        p.start()
-        qs.append(q)
-        ps.append(p)
-    results = [q.get(timeout=300) for q in qs]
-    for p in ps:
-        p.join(30)
-        assert p.exitcode == 0
+    results = run_children(procs, shared_ssd_worker, [(str(tmp_path), tag, 30) for tag in range(4)])
     assert sum(r["wrong"] for r in results) == 0, f"wrong bytes were served: {results}"
     assert sum(r["read"] - r["failed"] for r in results) > 50, f"too few reads of other instances' blocks: {results}"
     with TieredStore(config(str(tmp_path), host_dir="host-check", ssd="2MiB"), PAGE) as s:

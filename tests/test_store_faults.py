@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import run_child
+from conftest import run_child, run_children
 from storekit import (PAGE, bid, concurrent_worker, config, crash_writer, disk_full_child, dump_commit, flip_bits,
                       load_check, perturb, slab_of, verify_after_crash)
 from ucm.tiers import TieredStore
@@ -103,17 +103,7 @@ def test_disk_full_fails_flushes_cleanly_and_keeps_serving(tmp_path, procs):
 
 
 def test_two_processes_dump_and_lookup_one_path(tmp_path, procs):
-    qs, ps = [], []
-    for tag in (1, 2):
-        q = procs.Queue()
-        p = procs.Process(target=concurrent_worker, args=(str(tmp_path), tag, 40, q))
-        p.start()
-        qs.append(q)
-        ps.append(p)
-    results = [q.get(timeout=180) for q in qs]
-    for p in ps:
-        p.join(30)
-        assert p.exitcode == 0
+    results = run_children(procs, concurrent_worker, [(str(tmp_path), tag, 40) for tag in (1, 2)], timeout=180)
     for r in results:
         assert r["wrong"] == 0, "torn or wrong bytes were served"
     committed = sorted({bytes.fromhex(h) for r in results for h in r["committed"]})

@@ -64,14 +64,24 @@ def _patch_kv_cache_allocation(gpu_model_runner) -> None:
     gpu_model_runner.allocate_kv_cache = patched
 
 
-def _patch_attention(attention_module) -> None:
-    """Attention.forward: blend-aware while a blend step is active, else the original."""
-    from ucm.integration.vllm import blend_step
-
-    cls = attention_module.Attention
+def _replace_forward(cls, make) -> None:
+    """cls.forward = make(original forward), once (a second application finds the marker)."""
     original = cls.forward
     if getattr(original, "__ucm_blend__", False):
         return
+    forward = make(original)
+    forward.__ucm_blend__ = True
+    forward.__wrapped__ = original
+    cls.forward = forward
+
+
+def _patch_attention(attention_module) -> None:
+    """Attention.forward: blend-aware while a blend step is active, else the original."""
+    _replace_forward(attention_module.Attention, _blend_attention_forward)
+
+
+def _blend_attention_forward(original):
+    from ucm.integration.vllm import blend_step
 
     def forward(self, query, key, value, output_shape=None, output_dtype=None):
         step = blend_step.ACTIVE
@@ -89,19 +99,16 @@ def _patch_attention(attention_module) -> None:
                      value.view(-1, self.num_kv_heads, self.head_size_v), subset)
         return out
 
-    forward.__ucm_blend__ = True
-    forward.__wrapped__ = original
-    cls.forward = forward
+    return forward
 
 
 def _patch_llama_decoder_layer(llama_module) -> None:
     """LlamaDecoderLayer.forward: after the check layer of a blend step, run on the selected rows."""
-    from ucm.integration.vllm import blend_step
+    _replace_forward(llama_module.LlamaDecoderLayer, _blend_decoder_forward)
 
-    cls = llama_module.LlamaDecoderLayer
-    original = cls.forward
-    if getattr(original, "__ucm_blend__", False):
-        return
+
+def _blend_decoder_forward(original):
+    from ucm.integration.vllm import blend_step
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         step = blend_step.ACTIVE
@@ -112,9 +119,7 @@ def _patch_llama_decoder_layer(llama_module) -> None:
         h, r = original(self, positions[sel], hidden_states[sel], residual[sel], **kwargs)
         return hidden_states.index_copy(0, sel, h), residual.index_copy(0, sel, r)
 
-    forward.__ucm_blend__ = True
-    forward.__wrapped__ = original
-    cls.forward = forward
+    return forward
 
 
 PATCHES = (
