@@ -5,7 +5,6 @@ import random
 import signal
 import time
 
-import pytest
 import torch
 
 from conftest import run_child, run_children
