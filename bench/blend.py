@@ -4,11 +4,14 @@ bench/results/blend.md.
 RAG prompts in SmolLM2's chat format: a system line, four documents of real text (256-512 tokens each,
 from the repository's real-text corpus) separated by a separator token, and a question whose answer is
 a fact planted in one of the documents ("The access code of the <name> archive is <4 digits>."), with
-the answer primed ("The access code is"). Every document is first cached alone (one request each);
-then each prompt runs once per configuration, in a fresh vLLM process per configuration:
+the answer primed ("The access code is"). Every document is first cached alone (one request each;
+`--doc-context` puts the prompts' first token or system line before it instead); then all prompts run
+as one batch per configuration, in a fresh vLLM process per configuration:
 
 * full prefill: no connector (the reference);
-* BlendConnector at recompute ratios 0 (reuse only), 0.05, 0.15 (the default) and 0.30.
+* BlendConnector at recompute ratios 0, 0.05, 0.15 (the default) and 0.30, at check layer 3 (the default:
+  layers 0-3 run on every token);
+* with `--reuse-only`: check layer 0 and ratio 0, the least recompute blending allows.
 
 Reported per configuration: answer accuracy (the planted code in the first 32 greedy tokens), mean
 leading agreement of those 32 tokens with full prefill, KL divergence of the next-token distribution at
@@ -16,13 +19,14 @@ the last prompt position from full prefill's (over full prefill's top-20 tokens;
 the other top-20 gets that list's lowest log-probability minus 1), and time to first token (median
 over prompts of four 512-token documents, one request at a time, max_tokens=1).
 
-Run: .venv/bin/python bench/blend.py [--prompts 20] [--ttft-prompts 5]
+Run: .venv/bin/python bench/blend.py [--prompts 100] [--ttft-prompts 5] [--reuse-only]  (about 20 minutes)
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import platform
@@ -45,7 +49,7 @@ NAMES = ["Amber", "Birch", "Cobalt", "Delta", "Ember", "Falcon", "Garnet", "Harb
          "Willow", "Xenon", "Yarrow", "Zephyr"]
 
 
-def build(n_prompts: int, n_ttft: int, seed: int = 0):
+def build(n_prompts: int, n_ttft: int, doc_context: str = "first", seed: int = 0):
     tok = tokenizer()
     from vllm_harness import real_text
 
@@ -91,19 +95,21 @@ def build(n_prompts: int, n_ttft: int, seed: int = 0):
         docs.append(fd)
         prompts.append({"tokens": rag(doc_list, name), "code": code, "ttft": ttft})
     docs += pool + long_pool
-    return [d + [SEP] for d in docs], prompts
+    ctx = {"alone": [], "first": system[:1] + [SEP], "system": system + [SEP]}[doc_context]
+    return [ctx + d + [SEP] for d in docs], prompts
 
 
 def run_config(name, docs, prompts, connector):
     quality = [p for p in prompts if not p["ttft"]]
     timed = [p for p in prompts if p["ttft"]]
-    phases = [docs] + [[p["tokens"]] for p in quality]
-    r = run_vllm(phases, connector=connector, max_tokens=32, logprobs=20, max_num_batched_tokens=4096,
-                 kv_cache_bytes=1 << 30, timeout=3000)
-    outs = [ph[0] for ph in r["phases"][1:]]
-    t = run_vllm([docs] + [[p["tokens"]] for p in timed] * 2, connector=connector, max_tokens=1,
+    r = run_vllm([docs, [p["tokens"] for p in quality]], connector=connector, max_tokens=32, logprobs=20,
                  max_num_batched_tokens=4096, kv_cache_bytes=1 << 30, timeout=3000)
-    ttft = t["seconds"][1 + len(timed):]  # the second pass over the timed prompts (warm process)
+    outs = r["phases"][1]
+    ttft = [math.nan]
+    if timed:
+        t = run_vllm([docs] + [[p["tokens"]] for p in timed] * 2, connector=connector, max_tokens=1,
+                     max_num_batched_tokens=4096, kv_cache_bytes=1 << 30, timeout=3000)
+        ttft = t["seconds"][1 + len(timed):]  # the second pass over the timed prompts (warm process)
     reused = sum(int(x) for x in __import__("re").findall(r"blend: (\d+) tokens of", r["log"]))
     print(f"{name}: done ({reused} tokens reused)", flush=True)
     return outs, ttft, reused
@@ -114,69 +120,146 @@ def kl(full: dict, other: dict) -> float:
     return sum(math.exp(lp) * (lp - other.get(t, floor)) for t, lp in full.items())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--prompts", type=int, default=20)
-    ap.add_argument("--ttft-prompts", type=int, default=5)
-    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="recompute ratios to run")
-    ap.add_argument("--chunk-start-tokens", type=int, default=0, help="blend.chunk_start_tokens")
-    ap.add_argument("--span", type=int, default=16, help="blend.recompute_span")
-    args = ap.parse_args()
-    docs, prompts = build(args.prompts, args.ttft_prompts)
-    tok = tokenizer()
-    configs = [("full prefill", None)] + [(f"blend {round(100 * float(r))}%", float(r)) for r in args.ratios.split(",")]
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% interval of a proportion k / n."""
+    p, d = k / n, 1 + z * z / n
+    c, h = (p + z * z / (2 * n)) / d, z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, c - h), min(1.0, c + h)
+
+
+def sign_test(b: int, c: int) -> float:
+    """Two-sided exact p of b wins against c losses on paired prompts (McNemar's exact test)."""
+    n = b + c
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(min(b, c) + 1)) / 2 ** n) if n else 1.0
+
+
+def configurations(args) -> list[tuple[str, float | None, int | None]]:
+    """(name, recompute ratio, check layer); "reuse only" recomputes nothing after layer 0."""
+    configs = [("full prefill", None, None)] + [(f"blend {round(100 * float(r))}%", float(r), args.check_layer)
+                                                for r in args.ratios.split(",")]
+    if args.reuse_only:
+        configs.append(("reuse only (check layer 0, 0%)", 0.0, 0))
+    return configs
+
+
+def run_all(args, configs, docs, prompts) -> dict:
     results = {}
-    for name, ratio in configs:
+    key = [args.prompts, args.ttft_prompts]
+    if args.full_cache and os.path.exists(args.full_cache):
+        cached = json.load(open(args.full_cache))
+        if cached["key"] == key:
+            results["full prefill"] = cached["result"]
+    for name, ratio, check_layer in configs:
+        if name in results:
+            continue
         conn = None
         if ratio is not None:
             conn = ucm_connector(tempfile.mkdtemp(prefix="ucm-blend-bench-"), name="BlendConnector",
                                  host="2GiB", ssd=None, blend={"separator": SEP, "recompute_ratio": ratio,
                                                                "chunk_start_tokens": args.chunk_start_tokens,
-                                                               "recompute_span": args.span})
+                                                               "recompute_span": args.span,
+                                                               "check_layer": check_layer})
         results[name] = run_config(name, docs, prompts, conn)
+        if ratio is None and args.full_cache:
+            json.dump({"key": key, "result": results[name]}, open(args.full_cache, "w"))
+    return results
+
+
+def render(args, configs, prompts, results) -> list[str]:
+    tok = tokenizer()
     quality = [p for p in prompts if not p["ttft"]]
+    right = {name: [p["code"] in tok.decode(o["tokens"]) for p, o in zip(quality, results[name][0])]
+             for name, _, _ in configs}
     full_outs, full_ttft, _ = results["full prefill"]
     rows = []
-    for name, _ in configs:
+    for name, _, _ in configs:
         outs, ttft, reused = results[name]
-        acc = sum(p["code"] in tok.decode(o["tokens"]) for p, o in zip(quality, outs)) / len(quality)
+        k, n = sum(right[name]), len(quality)
+        lo, hi = wilson(k, n)
         agree = []
         for o, f in zip(outs, full_outs):
-            n = 0
-            while n < len(f["tokens"]) and n < len(o["tokens"]) and o["tokens"][n] == f["tokens"][n]:
-                n += 1
-            agree.append(n)
+            m = 0
+            while m < len(f["tokens"]) and m < len(o["tokens"]) and o["tokens"][m] == f["tokens"][m]:
+                m += 1
+            agree.append(m)
         kls = [kl(f["first_top"], o["first_top"]) for o, f in zip(outs, full_outs)]
         med = statistics.median(ttft)
-        rows.append(f"| {name} | {100 * acc:.0f}% | {statistics.mean(agree):.1f} / 32 | "
+        rows.append(f"| {name} | {100 * k / n:.0f}% ({100 * lo:.0f}-{100 * hi:.0f}%) | "
+                    f"{100 * k / max(1, sum(right['full prefill'])):.0f}% | {statistics.mean(agree):.1f} / 32 | "
                     f"{sum(a == 32 for a in agree)} / {len(agree)} | {statistics.mean(kls):.4f} | {1e3 * med:.0f} | "
                     f"{statistics.median(full_ttft) / med:.2f}x | {reused} |")
+    paired = []
+    for base in ("full prefill", "blend 0%"):
+        for name, ratio, _ in configs:
+            if base in right and ratio and name != base:
+                b = sum(x and not y for x, y in zip(right[name], right[base]))
+                c = sum(y and not x for x, y in zip(right[name], right[base]))
+                paired.append(f"{name} answers {b} prompts that {base} misses and misses {c} that it answers "
+                              f"(exact sign test p = {sign_test(b, c):.2g})")
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
                platform.machine())
     n_tok = statistics.mean(len(p["tokens"]) for p in quality)
-    lines = [
+    return [
         "# Blend quality and time to first token",
         "",
-        f"{datetime.date.today()}, {cpu}, {os.cpu_count()} cores; vLLM 0.32 CPU build, SmolLM2-135M-Instruct (bf16), "
-        f"block size 32, check layer 1, recompute_span {args.span}, chunk_start_tokens {args.chunk_start_tokens}. "
+        f"{args.date}, {cpu}, {os.cpu_count()} cores; vLLM 0.32 CPU build, SmolLM2-135M-Instruct (bf16), "
+        f"block size 32, check layer {args.check_layer}, recompute_span {args.span}, chunk_start_tokens "
+        f"{args.chunk_start_tokens}, documents cached behind: {args.doc_context}. "
         f"`.venv/bin/python bench/blend.py --prompts {args.prompts} --ttft-prompts {args.ttft_prompts} --ratios "
-        f"{args.ratios} --span {args.span} --chunk-start-tokens {args.chunk_start_tokens}`. {len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
+        f"{args.ratios} --span {args.span} --chunk-start-tokens {args.chunk_start_tokens} --check-layer "
+        f"{args.check_layer} --doc-context {args.doc_context}{' --reuse-only' if args.reuse_only else ''}`. "
+        f"{len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
         f"{n_tok:.0f} prompt tokens on average) with an access code planted in one document; every document was "
-        "cached alone first. TTFT: median over "
+        "cached first, in a request of its own. TTFT: median over "
         f"{args.ttft_prompts} prompts of four 512-token documents (~2,150 tokens), one request at a time in a warm "
         "process; blended prompts load the documents from the host tier.",
         "",
-        "| configuration | answer accuracy | agreement with full prefill (first 32 greedy tokens) | all 32 equal | "
-        "KL(full ‖ config), next token | TTFT ms | TTFT speed-up | tokens reused |",
-        "|---|---|---|---|---|---|---|---|",
+        "| configuration | answer accuracy (95% interval) | of full prefill's | agreement with full prefill (first 32 "
+        "greedy tokens) | all 32 equal | KL(full ‖ config), next token | TTFT ms | TTFT speed-up | tokens reused |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Accuracy: the planted code appears in the first 32 generated tokens. KL over full prefill's top-20 "
-        "next-token log-probabilities at the last prompt position (a token missing from the other "
+        "Accuracy: the planted code appears in the first 32 generated tokens (Wilson 95% interval). KL over full "
+        "prefill's top-20 next-token log-probabilities at the last prompt position (a token missing from the other "
         "configuration's top-20 gets its lowest log-probability minus 1). `tokens reused` counts the quality "
         "prompts' tokens whose KV came from the cache instead of full computation.",
+        "",
+        *(f"- Paired, same prompts: {line}." for line in paired),
     ]
-    write_results("blend.md", lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=100)
+    ap.add_argument("--ttft-prompts", type=int, default=5)
+    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS), help="recompute ratios to run")
+    ap.add_argument("--chunk-start-tokens", type=int, default=0, help="blend.chunk_start_tokens")
+    ap.add_argument("--span", type=int, default=16, help="blend.recompute_span")
+    ap.add_argument("--doc-context", choices=["alone", "first", "system"], default="alone",
+                    help="what precedes a document in the request that caches it: nothing, the prompts' first "
+                         "token, or their whole system line")
+    ap.add_argument("--check-layer", type=int, default=3, help="blend.check_layer")
+    ap.add_argument("--reuse-only", action="store_true", help="add a configuration that recomputes nothing after "
+                                                               "layer 0 (check layer 0, ratio 0)")
+    ap.add_argument("--full-cache", default="", help="JSON file: reuse full prefill's results from an earlier run "
+                                                     "with the same prompts (written if absent)")
+    ap.add_argument("--dump", default="", help="JSON file: write the arguments and every configuration's outputs")
+    ap.add_argument("--from-dump", default="", help="JSON file from --dump: write the table again, run nothing")
+    args = ap.parse_args()
+    if args.from_dump:
+        d = json.load(open(args.from_dump))
+        args = argparse.Namespace(**d["args"])
+        results = d["results"]
+    else:
+        args.date = str(datetime.date.today())
+        results = None
+    docs, prompts = build(args.prompts, args.ttft_prompts, args.doc_context)
+    configs = configurations(args)
+    if results is None:
+        results = run_all(args, configs, docs, prompts)
+        if args.dump:
+            json.dump({"args": vars(args), "results": results}, open(args.dump, "w"))
+    write_results("blend.md", render(args, configs, prompts, results))
 
 
 if __name__ == "__main__":

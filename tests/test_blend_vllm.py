@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from vllm_harness import BLOCK, EXT, prompt_tokens, run_vllm, ucm_connector
+from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
 
 pytestmark = pytest.mark.vllm
 SEP = 45596  # "|||": one token in SmolLM2's vocabulary, absent from the test text
@@ -61,6 +61,27 @@ def test_documents_cached_alone_are_reused_in_new_orders_after_a_new_preamble(tm
         assert agreement(got, ref[k][0]) >= 1, (got["tokens"], ref[k][0]["tokens"])
         assert sum(got["logprobs"]) / len(got["logprobs"]) > -3.0, got["logprobs"]
     assert "recomputed" in r["log"]
+
+
+def test_documents_first_seen_inside_a_prompt_are_saved_where_they_stand(tmp_path):
+    """A prompt's chunks are stored from its own forward pass (keys rotated back to position 0). The same
+    prompt after a preamble that differs in one token (no prefix hit), blended with nothing recomputed
+    after the check layer, reads back KV computed at those very positions: in float32 its first token
+    is full prefill's, and the second prompt reuses the documents in another order."""
+    other = [PRE_B[0] + 1] + RAG[0][1:]
+    r = run_vllm([[RAG[0]], [other], [RAG[1]]], connector=blend(str(tmp_path), recompute_ratio=0.0),
+                 max_tokens=8, dtype="float32")
+    assert reused_tokens(r["log"]) == REUSED, r["log"][-3000:]
+    ref = run_vllm([[other], [RAG[1]]], max_tokens=8, dtype="float32")["phases"]
+    for got, want in zip(r["phases"][1:], ref):
+        assert got[0]["tokens"][0] == want[0]["tokens"][0], (got[0]["tokens"], want[0]["tokens"])
+        assert sum(got[0]["logprobs"]) / 8 > -3.0, got[0]["logprobs"]
+
+
+def test_a_repeated_prompt_is_an_exact_prefix_hit_not_a_blend(tmp_path):
+    r = run_vllm([[RAG[0]], [RAG[0]]], connector=blend(str(tmp_path)), max_tokens=8)
+    assert reused_tokens(r["log"]) == []
+    assert r["phase_metrics"][1].get(EXT, 0) == (len(RAG[0]) // BLOCK) * BLOCK
 
 
 def test_chunk_boundaries_from_kv_transfer_params(tmp_path):

@@ -37,7 +37,7 @@ def test_a_documents_ids_do_not_depend_on_where_it_appears():
 def test_blend_config():
     cfg = from_dict({"host": {"capacity": "8MiB"}, "blend": {"separator": 45596, "recompute_ratio": 0.3}}, "b.yaml")
     assert (cfg.blend.separator, cfg.blend.recompute_ratio, cfg.blend.check_layer, cfg.blend.min_chunk_tokens) == \
-        (45596, 0.3, 1, 64)
+        (45596, 0.3, 3, 64)
     for section, key in [({"recompute_ratio": 1.5}, "blend.recompute_ratio"), ({"separator": "###"}, "blend.separator"),
                          ({"check_layer": -1}, "blend.check_layer"), ({"ratio": 0.1}, "blend.ratio")]:
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

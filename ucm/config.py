@@ -87,7 +87,7 @@ class BlendConfig:
 
     separator: int | None = None  # token id that ends a chunk (a document); None: boundaries per request only
     recompute_ratio: float = 0.15  # share of reused tokens recomputed: those whose keys deviate most
-    check_layer: int = 1  # layers up to this one are computed for every token; the selection is made here
+    check_layer: int = 3  # layers up to this one are computed for every token; the selection is made here
     min_chunk_tokens: int = 64  # shorter chunks are computed, not looked up
     chunk_start_tokens: int = 0  # the first tokens of every reused chunk are recomputed regardless
     recompute_span: int = 16  # tokens selected together (runs that the attention kernel takes as blocks)
@@ -246,7 +246,7 @@ def _blend(section: Any, source: str) -> BlendConfig:
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
         raise ConfigError(source, "blend.recompute_ratio", ratio, "must be a number from 0 to 1 (0.15 = 15%)")
     return BlendConfig(separator=sep, recompute_ratio=float(ratio),
-                       check_layer=_int_in(b, "check_layer", 1, 0, 1023, source, "blend."),
+                       check_layer=_int_in(b, "check_layer", 3, 0, 1023, source, "blend."),
                        min_chunk_tokens=_int_in(b, "min_chunk_tokens", 64, 1, 1 << 20, source, "blend."),
                        chunk_start_tokens=_int_in(b, "chunk_start_tokens", 0, 0, 1 << 20, source, "blend."),
                        recompute_span=_int_in(b, "recompute_span", 16, 1, 4096, source, "blend."))

@@ -4,9 +4,11 @@ A prompt is split into chunks (a separator token, or `kv_transfer_params={"ucm_b
 [[start, end], ...]}`); each chunk's blocks have ids that restart from the root seed, so a document
 cached on its own is found anywhere in a later prompt.
 
-Saving: a chunk that starts at the prompt's first token was computed with nothing before it, which is
-the KV every later prompt can reuse; its full blocks are stored (blend page format below) once the
-chunk is computed. A document sent alone, or first, populates the cache.
+Saving: every chunk a request computes rather than reuses is stored (its full blocks not stored yet, in
+the blend page format below) once the chunk is computed, from the K/V captured during that forward
+pass, with keys rotated back so the chunk's first token sits at position 0. A document is cached the
+first time any prompt contains it, or by sending it alone; concurrent first saves of one block: the
+first publish wins.
 
 Blending, for a request whose chunks are (partly) stored and whose whole prompt is prefilled in one
 step: vLLM is told of no external tokens and computes the prompt; before the forward pass the worker
@@ -61,9 +63,10 @@ class ChunkLoad:
 
 @dataclass
 class ChunkSave:
-    ids: list[bytes]
-    start: int
+    ids: list[bytes]  # the chunk's blocks to store, in order
+    start: int  # first token of those blocks in this prompt
     end: int
+    origin: int  # the chunk's first token in this prompt (stored keys are rotated back from here to 0)
     part: tuple[int, int] = (0, 0)  # tokens of the chunk this step computes (their K/V are captured)
     final: bool = False  # the chunk is complete after this step: save it
 
@@ -139,27 +142,45 @@ class BlendConnector(UCMConnector):
         return split_by_separator(tokens, self.blend.separator, self.blend.min_chunk_tokens)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        """Blend when stored chunks reach further than the exact prefix hit (UCMConnector's); otherwise
+        take the prefix hit. Either way, plan saves of the chunk blocks this request computes."""
+        external, is_async = super().get_num_new_matched_tokens(request, num_computed_tokens)
         if self._why_not:
-            return super().get_num_new_matched_tokens(request, num_computed_tokens)
+            return external, is_async
         chunks = self._chunks(request)
         tokens = request.prompt_token_ids or []
         bs, salt = self.block_size, request_salt(request)
-        loads, saves = [], []
+        found, loads = [], []
         for c in chunks:
             ids = self.chunk_hasher.generate_block_hashes(tokens[c.start:c.end], bs, salt=salt)
             if not ids:
                 continue
             stored = self.store.lookup_prefix(ids)
+            found.append((c, ids, stored))
             reuse = min(stored * bs, len(tokens) - 1 - c.start)  # the last prompt token is always computed
             if reuse > 0 and c.start >= num_computed_tokens:
                 loads.append(ChunkLoad(ids[:-(-reuse // bs)], c.start, reuse))
-            if c.start == 0 and stored < len(ids):
-                saves.append(ChunkSave(ids, 0, len(ids) * bs))
+        if loads and num_computed_tokens + external >= max(x.start + x.tokens for x in loads):
+            log.debug("req %s: the prefix hit (%d tokens) covers every stored chunk: not blended",
+                      request.request_id, num_computed_tokens + external)
+            loads = []
+        computed = num_computed_tokens if loads else num_computed_tokens + external
+        saves = []
+        for c, ids, stored in found:  # blocks not stored yet are computed (never reused) here
+            first = max(stored, -(-(computed - c.start) // bs))
+            if first < len(ids):
+                saves.append(ChunkSave(ids[first:], c.start + first * bs, c.start + len(ids) * bs, c.start))
         if not loads:
             if saves:
                 self._plans[request.request_id] = _Plan([], saves, len(tokens))
-            return super().get_num_new_matched_tokens(request, num_computed_tokens)
+            if not chunks:
+                log.debug("req %s: no chunks (separator %s absent, or every chunk under %d tokens)",
+                          request.request_id, self.blend.separator, self.blend.min_chunk_tokens)
+            return external, is_async
         self._plans[request.request_id] = _Plan(loads, saves, len(tokens))
+        if external:  # the prefix hit super() counted is not loaded
+            self._lookups["loaded_tokens"] -= external
+            self._write_counters()
         log.debug("req %s: %d chunks, %d stored in part or whole (%d tokens)", request.request_id, len(chunks),
                   len(loads), sum(x.tokens for x in loads))
         return 0, False  # vLLM computes the prompt; the worker blends the stored chunks into it
@@ -364,9 +385,9 @@ class BlendConnector(UCMConnector):
                 return
             page[:, layer, 0] = k.reshape(blocks, bs, heads, dim)
             page[:, layer, 1] = v.reshape(blocks, bs, heads, dim)
-        if save.start:  # canonical positions: the chunk's first token at 0
+        if save.origin:  # canonical positions: the chunk's first token at 0
             keys = page[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers * n, heads, dim).contiguous()
-            rerotate(keys, -save.start, self.rope, self._rope_backend(keys))
+            rerotate(keys, -save.origin, self.rope, self._rope_backend(keys))
             page[:, :, 0] = keys.view(n_layers, blocks, bs, heads, dim).permute(1, 0, 2, 3, 4)
         task = self.store.dump(save.ids, 0, page.view(blocks, -1).view(torch.uint8))
         self.store.wait(task)
