@@ -51,6 +51,12 @@ def test_the_last_token_is_always_computed():
     assert 11 in step.sel.tolist() and 10 not in step.sel.tolist()
 
 
+def test_a_step_of_reused_tokens_only_selects_nothing():
+    step, fresh = _step(ratio=0.0, n_batch=4, reused=(0, 1, 2, 3), last=())
+    step.select(fresh + 1)
+    assert step.sel.tolist() == [] and step.recomputed == 0
+
+
 def test_nothing_reused_means_no_subset():
     step = BlendStep(1, 0.15, 1, torch.empty(0, dtype=torch.int64), torch.empty(0, 2, 4))
     step.select(torch.zeros(5, 2, 4))

@@ -104,13 +104,22 @@ def test_full_recompute_reproduces_full_prefill(tmp_path, mp):
     assert r["phases"][3][0]["tokens"] == full_prefill()["phases"][0][0]["tokens"]
 
 
-def test_chunked_prefill_falls_back_and_stays_exact(tmp_path):
-    ref = run_vllm([[RAG[1]]], max_tokens=8, max_num_batched_tokens=128)
-    r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[1]]], connector=blend(str(tmp_path)), max_tokens=8,
+def test_chunked_prefill_blends_step_by_step(tmp_path):
+    """A 473-token prompt prefilled 128 tokens a step: every step blends the reused tokens it holds. With
+    ratio 1.0 the tokens equal full prefill's under the same steps (the machinery across steps). With
+    ratio 0 the reused KV is the same whatever the steps, so in float32 the output equals blending the
+    prompt in one step (placement and rotation of partial loads)."""
+    phases = [[d + [SEP]] for d in DOCS] + [[RAG[1]]]
+    ref = run_vllm([[RAG[1]]], max_tokens=8, max_num_batched_tokens=128)["phases"][0][0]
+    r = run_vllm(phases, connector=blend(str(tmp_path / "a"), recompute_ratio=1.0), max_tokens=8,
                  max_num_batched_tokens=128)
-    assert "not blended: its prompt is prefilled in several steps" in r["log"]
-    assert reused_tokens(r["log"]) == []
-    assert r["phases"][3][0]["tokens"] == ref["phases"][0][0]["tokens"]
+    steps = reused_tokens(r["log"])
+    assert len(steps) > 1 and sum(steps) == REUSED[1], (steps, r["log"][-3000:])
+    assert r["phases"][3][0]["tokens"] == ref["tokens"]
+    one, chunked = (run_vllm(phases, connector=blend(str(tmp_path / str(n)), recompute_ratio=0.0), max_tokens=8,
+                             max_num_batched_tokens=n, dtype="float32") for n in (4096, 128))
+    assert len(reused_tokens(chunked["log"])) > 1 and reused_tokens(one["log"]) == [REUSED[1]]
+    assert_identical(chunked["phases"][3], one["phases"][3])
 
 
 def test_without_patches_it_is_a_prefix_cache(tmp_path):

@@ -10,15 +10,16 @@ pass, with keys rotated back so the chunk's first token sits at position 0. A do
 first time any prompt contains it, or by sending it alone; concurrent first saves of one block: the
 first publish wins.
 
-Blending, for a request whose chunks are (partly) stored and whose whole prompt is prefilled in one
-step: vLLM is told of no external tokens and computes the prompt; before the forward pass the worker
-reads the stored chunk blocks, rotates their keys to the new positions (ucm/kernels/rope.py), writes
-them into the paged cache of every layer, and activates a `BlendStep` (blend_step.py): the layers up
-to `blend.check_layer` run on every token, the check layer keeps the `recompute_ratio` share of reused
-tokens whose keys deviate most (plus every token not reused and the last one), and the later layers
-run on those tokens only. Anything that prevents this (no chunks or hits, a prompt prefilled in
-several steps, RoPE that is not a pure rotation, the patches not applied) falls back to UCMConnector's
-prefix caching, with a log line.
+Blending, for a request whose chunks are (partly) stored: vLLM is told of no external tokens and
+computes the prompt; before each prefill step's forward pass the worker reads the stored blocks that
+hold tokens of that step, rotates their keys to the new positions (ucm/kernels/rope.py), writes them
+into the paged cache of every layer, and activates a `BlendStep` (blend_step.py): the layers up to
+`blend.check_layer` run on every token of the step, the check layer keeps the `recompute_ratio` share
+of the step's reused tokens whose keys deviate most (plus every token not reused and the step's last
+one), and the later layers run on those tokens only. A prompt prefilled in several steps (chunked
+prefill) is blended step by step; later steps attend to the KV the earlier ones left in the cache.
+Anything that prevents blending (no chunks or hits, RoPE that is not a pure rotation, the patches not
+applied) falls back to UCMConnector's prefix caching, with a log line.
 
 Blend page of a chunk block: [layers, 2 (K, V), block_size, kv_heads, head_dim] in the cache dtype,
 keys at canonical positions (the chunk's first token at position 0). Same bytes per page as
@@ -56,9 +57,19 @@ CHUNKS_PARAM = "ucm_blend_chunks"
 
 @dataclass
 class ChunkLoad:
-    ids: list[bytes]  # stored blocks of the chunk, in order
-    start: int  # the chunk's first token in this prompt (its keys move from 0 to here)
-    tokens: int  # tokens reused (<= len(ids) * block_size)
+    ids: list[bytes]  # stored blocks of the chunk that hold the tokens below, in order
+    start: int  # the first token placed, as a position in this prompt
+    tokens: int  # tokens placed from `start` on
+    origin: int  # the chunk's first token in this prompt: stored keys (chunk start at 0) rotate by this
+
+    def within(self, a: int, b: int, block_size: int) -> "ChunkLoad | None":
+        """The part of this load that one prefill step computes (positions [a, b)), or None."""
+        lo, hi = max(a, self.start), min(b, self.start + self.tokens)
+        if lo >= hi:
+            return None
+        first = (self.start - self.origin) // block_size  # the chunk block that ids[0] is
+        b0, b1 = (lo - self.origin) // block_size - first, -(-(hi - self.origin) // block_size) - first
+        return ChunkLoad(self.ids[b0:b1], lo, hi - lo, self.origin)
 
 
 @dataclass
@@ -159,7 +170,7 @@ class BlendConnector(UCMConnector):
             found.append((c, ids, stored))
             reuse = min(stored * bs, len(tokens) - 1 - c.start)  # the last prompt token is always computed
             if reuse > 0 and c.start >= num_computed_tokens:
-                loads.append(ChunkLoad(ids[:-(-reuse // bs)], c.start, reuse))
+                loads.append(ChunkLoad(ids[:-(-reuse // bs)], c.start, reuse, c.start))
         if loads and num_computed_tokens + external >= max(x.start + x.tokens for x in loads):
             log.debug("req %s: the prefix hit (%d tokens) covers every stored chunk: not blended",
                       request.request_id, num_computed_tokens + external)
@@ -204,13 +215,9 @@ class BlendConnector(UCMConnector):
                 plan.block_ids = block_ids
             after = computed + sched.get(req_id, 0)
             rm = BlendRequestMeta(req_id, list(plan.block_ids))
-            if plan.loads and new:
-                if after >= plan.prompt_tokens and computed <= min(x.start for x in plan.loads):
-                    rm.loads = plan.loads
-                else:
-                    log.info("req %s: not blended: its prompt is prefilled in several steps (chunked prefill); "
-                             "raise max_num_batched_tokens to blend prompts of %d tokens", req_id, plan.prompt_tokens)
-                plan.loads = []
+            # each prefill step blends the reused tokens it computes (chunked prefill: several steps)
+            rm.loads = [p for p in (x.within(computed, after, self.block_size) for x in plan.loads) if p]
+            plan.loads = [x for x in plan.loads if x.start + x.tokens > after]
             rm.saves = [dataclasses.replace(s, part=(max(s.start, computed), min(s.end, after)), final=s.end <= after)
                         for s in plan.saves if computed < s.end and s.start < after]
             plan.saves = [s for s in plan.saves if s.end > after]
@@ -277,7 +284,9 @@ class BlendConnector(UCMConnector):
 
         t0 = time.perf_counter()
         reused, cached_k, capture, self._captures = [], [], [], []
-        always = (md.query_start_loc[1:] - 1).tolist()  # each request's last token
+        # a prompt's last token is never reused (see the scheduler side), so it is always recomputed; the
+        # last token of an intermediate chunked-prefill step is not needed (vLLM discards that sample)
+        always: list[int] = []
         for rm in todo:
             for load in rm.loads:
                 got = self._load_chunk(rm, load, layers, batch_positions)
@@ -325,12 +334,12 @@ class BlendConnector(UCMConnector):
         if self.store.wait(task):
             log.warning("req %s: chunk at %d not reused: %s", rm.req_id, load.start, next(iter(task.errors.values())))
             return None
-        n = load.tokens
+        n, skip = load.tokens, (load.start - load.origin) % bs  # tokens placed; rows of ids[0] before them
         # [blocks, layers, 2, bs, heads, dim] -> per layer [tokens, heads, dim]
-        k = buf[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, :n].contiguous()
-        v = buf[:, :, 1].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, :n].contiguous()
-        if load.start:
-            rerotate(k.view(n_layers * n, heads, dim), load.start, self.rope, self._rope_backend(k))
+        k = buf[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, skip:skip + n].contiguous()
+        v = buf[:, :, 1].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, skip:skip + n].contiguous()
+        if load.origin:
+            rerotate(k.view(n_layers * n, heads, dim), load.origin, self.rope, self._rope_backend(k))
         slots = self._slots(rm.block_ids, load.start, n)
         idx = batch_positions(slots)
         live = idx >= 0  # tokens this step computes (not already in vLLM's cache)

@@ -7,7 +7,7 @@ The blend connector's worker sets `ACTIVE` in `start_load_kv` after writing the 
 * layers up to `check_layer` run unchanged on every token (fresh KV overwrites the loaded KV);
 * at `check_layer`, `select()` compares each reused token's fresh key with its cached one and keeps the
   `ratio` share that deviates most, plus every token that was not reused (missed chunks, separators,
-  the question) and each request's last token;
+  the question, a prompt's last token);
 * in later layers the decoder layer runs on the selected tokens only, and `attend()` writes their KV
   and computes their attention over the whole context from the paged cache, where the other tokens'
   KV is the reused one. That is the work saved;
@@ -43,7 +43,7 @@ class BlendStep:
     reused_idx: torch.Tensor  # int64 [n]: batch positions of tokens whose KV was reused
     cached_k: torch.Tensor  # [n, kv_heads, head_dim]: their reused keys at the check layer
     always: list[int] = field(default_factory=list)  # batch positions computed in every layer regardless
-                                                     # (each request's last token, each chunk's first tokens)
+                                                     # (e.g. each chunk's first tokens)
     capture_idx: torch.Tensor | None = None  # batch positions whose fresh K/V are kept for saving
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (K, V)
     sel: torch.Tensor | None = None  # int64, sorted: batch positions computed after the check layer

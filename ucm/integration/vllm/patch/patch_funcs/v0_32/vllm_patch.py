@@ -115,6 +115,8 @@ def _blend_decoder_forward(original):
         if step is None or step.sel is None or residual is None:
             return original(self, positions, hidden_states, residual, **kwargs)
         sel = step.sel
+        if not sel.numel():  # a chunked-prefill step whose tokens are all reused: nothing to compute
+            return hidden_states, residual
         step.sel_positions = positions[sel]
         h, r = original(self, positions[sel], hidden_states[sel], residual[sel], **kwargs)
         return hidden_states.index_copy(0, sel, h), residual.index_copy(0, sel, r)
