@@ -93,23 +93,27 @@ def build(n_prompts: int, n_ttft: int, doc_context: str = "alone", seed: int = 0
         doc_list = [fd] + [src[j] for j in others[1:]]
         rng.shuffle(doc_list)
         docs.append(fd)
-        prompts.append({"tokens": rag(doc_list, name), "code": code, "ttft": ttft})
+        prompts.append({"tokens": rag(doc_list, name), "warmup": rag(doc_list[::-1], name), "code": code,
+                        "ttft": ttft})
     docs += pool + long_pool
     ctx = {"alone": [], "first": system[:1] + [SEP], "system": system + [SEP]}[doc_context]
     return [ctx + d + [SEP] for d in docs], prompts
 
 
-def run_config(name, docs, prompts, connector):
+def run_config(name, docs, prompts, connector, batched: int = 4096):
     quality = [p for p in prompts if not p["ttft"]]
     timed = [p for p in prompts if p["ttft"]]
     r = run_vllm([docs, [p["tokens"] for p in quality]], connector=connector, max_tokens=32, logprobs=20,
-                 max_num_batched_tokens=4096, kv_cache_bytes=1 << 30, timeout=3000)
+                 max_num_batched_tokens=batched, kv_cache_bytes=1 << 30, timeout=3000)
     outs = r["phases"][1]
     ttft = [math.nan]
     if timed:
-        t = run_vllm([docs] + [[p["tokens"]] for p in timed] * 2, connector=connector, max_tokens=1,
-                     max_num_batched_tokens=4096, kv_cache_bytes=1 << 30, timeout=3000)
-        ttft = t["seconds"][1 + len(timed):]  # the second pass over the timed prompts (warm process)
+        # warm-up: the timed prompts with their documents in reverse order (a repeated prompt would be an
+        # exact prefix hit, not a blend); then each timed prompt once, one request at a time
+        warm = [[p["warmup"]] for p in timed]
+        t = run_vllm([docs] + warm + [[p["tokens"]] for p in timed], connector=connector, max_tokens=1,
+                     max_num_batched_tokens=batched, kv_cache_bytes=1 << 30, timeout=3000)
+        ttft = t["seconds"][1 + len(timed):]
     reused = sum(int(x) for x in __import__("re").findall(r"blend: (\d+) tokens of", r["log"]))
     print(f"{name}: done ({reused} tokens reused)", flush=True)
     return outs, ttft, reused
@@ -144,7 +148,7 @@ def configurations(args) -> list[tuple[str, float | None, int | None]]:
 
 def run_all(args, configs, docs, prompts) -> dict:
     results = {}
-    key = [args.prompts, args.ttft_prompts]
+    key = [args.prompts, args.ttft_prompts, args.max_num_batched_tokens]
     if args.full_cache and os.path.exists(args.full_cache):
         cached = json.load(open(args.full_cache))
         if cached["key"] == key:
@@ -159,7 +163,7 @@ def run_all(args, configs, docs, prompts) -> dict:
                                                                "chunk_start_tokens": args.chunk_start_tokens,
                                                                "recompute_span": args.span,
                                                                "check_layer": check_layer})
-        results[name] = run_config(name, docs, prompts, conn)
+        results[name] = run_config(name, docs, prompts, conn, args.max_num_batched_tokens)
         if ratio is None and args.full_cache:
             json.dump({"key": key, "result": results[name]}, open(args.full_cache, "w"))
     return results
@@ -207,7 +211,8 @@ def render(args, configs, prompts, results) -> list[str]:
         f"{args.chunk_start_tokens}, documents cached behind: {args.doc_context}. "
         f"`.venv/bin/python bench/blend.py --prompts {args.prompts} --ttft-prompts {args.ttft_prompts} --ratios "
         f"{args.ratios} --span {args.span} --chunk-start-tokens {args.chunk_start_tokens} --check-layer "
-        f"{args.check_layer} --doc-context {args.doc_context}{' --reuse-only' if args.reuse_only else ''}`. "
+        f"{args.check_layer} --doc-context {args.doc_context}{' --reuse-only' if args.reuse_only else ''} "
+        f"--max-num-batched-tokens {args.max_num_batched_tokens} --out {args.out}`. "
         f"{len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
         f"{n_tok:.0f} prompt tokens on average) with an access code planted in one document; every document was "
         "cached first, in a request of its own. TTFT: median over "
@@ -243,12 +248,15 @@ def main() -> None:
                                                                "layer 0 (check layer 0, ratio 0)")
     ap.add_argument("--full-cache", default="", help="JSON file: reuse full prefill's results from an earlier run "
                                                      "with the same prompts (written if absent)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=4096,
+                    help="vLLM's prefill step size; below the prompt length, prompts are prefilled in several steps")
+    ap.add_argument("--out", default="blend.md", help="results file in bench/results/")
     ap.add_argument("--dump", default="", help="JSON file: write the arguments and every configuration's outputs")
     ap.add_argument("--from-dump", default="", help="JSON file from --dump: write the table again, run nothing")
     args = ap.parse_args()
     if args.from_dump:
         d = json.load(open(args.from_dump))
-        args = argparse.Namespace(**d["args"])
+        args = argparse.Namespace(**{**vars(ap.parse_args([])), **d["args"]})
         results = d["results"]
     else:
         args.date = str(datetime.date.today())
@@ -259,7 +267,7 @@ def main() -> None:
         results = run_all(args, configs, docs, prompts)
         if args.dump:
             json.dump({"args": vars(args), "results": results}, open(args.dump, "w"))
-    write_results("blend.md", render(args, configs, prompts, results))
+    write_results(args.out, render(args, configs, prompts, results))
 
 
 if __name__ == "__main__":

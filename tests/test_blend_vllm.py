@@ -79,9 +79,15 @@ def test_documents_first_seen_inside_a_prompt_are_saved_where_they_stand(tmp_pat
 
 
 def test_a_repeated_prompt_is_an_exact_prefix_hit_not_a_blend(tmp_path):
-    r = run_vllm([[RAG[0]], [RAG[0]]], connector=blend(str(tmp_path)), max_tokens=8)
+    r = run_vllm([[RAG[0]], [RAG[0]]], connector=blend(str(tmp_path / "a")), max_tokens=8)
     assert reused_tokens(r["log"]) == []
     assert r["phase_metrics"][1].get(EXT, 0) == (len(RAG[0]) // BLOCK) * BLOCK
+    # a blended prompt's KV is approximate after its first reused token: no prefix pages are saved past
+    # it, so the same prompt again is blended again, never served that KV as an exact prefix hit
+    r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[0]], [RAG[0]]], connector=blend(str(tmp_path / "b")),
+                 max_tokens=8)
+    assert reused_tokens(r["log"]) == REUSED[:1] * 2
+    assert r["phase_metrics"][4].get(EXT, 0) == 0
 
 
 def test_chunk_boundaries_from_kv_transfer_params(tmp_path):

@@ -15,8 +15,8 @@ computes the prompt; before each prefill step's forward pass the worker reads th
 hold tokens of that step, rotates their keys to the new positions (ucm/kernels/rope.py), writes them
 into the paged cache of every layer, and activates a `BlendStep` (blend_step.py): the layers up to
 `blend.check_layer` run on every token of the step, the check layer keeps the `recompute_ratio` share
-of the step's reused tokens whose keys deviate most (plus every token not reused and the step's last
-one), and the later layers run on those tokens only. A prompt prefilled in several steps (chunked
+of the step's reused tokens whose keys deviate most (plus every token not reused, the prompt's last
+token among them), and the later layers run on those tokens only. A prompt prefilled in several steps (chunked
 prefill) is blended step by step; later steps attend to the KV the earlier ones left in the cache.
 Anything that prevents blending (no chunks or hits, RoPE that is not a pure rotation, the patches not
 applied) falls back to UCMConnector's prefix caching, with a log line.
@@ -101,7 +101,6 @@ class _Plan:
 
     loads: list[ChunkLoad]
     saves: list[ChunkSave]
-    prompt_tokens: int
     block_ids: list[int] = field(default_factory=list)
 
 
@@ -182,13 +181,16 @@ class BlendConnector(UCMConnector):
             if first < len(ids):
                 saves.append(ChunkSave(ids[first:], c.start + first * bs, c.start + len(ids) * bs, c.start))
         if not loads:
+            self._state(request).save_limit = None
             if saves:
-                self._plans[request.request_id] = _Plan([], saves, len(tokens))
+                self._plans[request.request_id] = _Plan([], saves)
             if not chunks:
                 log.debug("req %s: no chunks (separator %s absent, or every chunk under %d tokens)",
                           request.request_id, self.blend.separator, self.blend.min_chunk_tokens)
             return external, is_async
-        self._plans[request.request_id] = _Plan(loads, saves, len(tokens))
+        self._plans[request.request_id] = _Plan(loads, saves)
+        # blended KV is approximate from the first reused token on: no exact prefix pages past that block
+        self._state(request).save_limit = min(x.start for x in loads) // bs
         if external:  # the prefix hit super() counted is not loaded
             self._lookups["loaded_tokens"] -= external
             self._write_counters()
@@ -200,14 +202,14 @@ class BlendConnector(UCMConnector):
         base = super().build_connector_meta(scheduler_output)
         meta = BlendMetadata(requests=base.requests, preempted=base.preempted)
         sched = scheduler_output.num_scheduled_tokens
-        steps = [(r.req_id, r.num_computed_tokens, list(r.block_ids[0]), True) for r in scheduler_output.scheduled_new_reqs]
+        steps = [(r.req_id, r.num_computed_tokens, list(r.block_ids[0])) for r in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
             plan = self._plans.get(req_id)
             if plan is not None and cached.new_block_ids[i] is not None:
                 plan.block_ids += cached.new_block_ids[i][0]
-            steps.append((req_id, cached.num_computed_tokens[i], None, False))
-        for req_id, computed, block_ids, new in steps:
+            steps.append((req_id, cached.num_computed_tokens[i], None))
+        for req_id, computed, block_ids in steps:
             plan = self._plans.get(req_id)
             if plan is None:
                 continue

@@ -193,6 +193,7 @@ class RequestState:
     load_whole_blocks: int = 0
     load_sources: dict = field(default_factory=dict)
     saved_upto: int = 0  # blocks [0, saved_upto) are stored, loaded, or scheduled for saving
+    save_limit: int | None = None  # blocks at and after this are never saved (their KV is not exact)
     dumps_scheduled: bool = False
 
 
@@ -415,7 +416,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
                 rm.load_block_ids, st.load = st.load, None
                 rm.load_whole_blocks = st.load_whole_blocks
             full = min(computed_after, st.request.num_tokens) // self.block_size
-            full = min(full, len(st.block_ids))
+            full = min(full, len(st.block_ids), len(st.block_ids) if st.save_limit is None else st.save_limit)
             if full > st.saved_upto:
                 ids = self._hash_upto(st, full)[st.saved_upto:full]
                 present = self.store.lookup(self._ids_for_rank(ids, 0), remote=False)
