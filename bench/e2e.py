@@ -43,8 +43,8 @@ def child(spec: dict) -> dict:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    from ucm.integration.vllm.demo import prompts
-    from ucm.integration.vllm.model_export import ensure_model
+    from ucm.tools.demo import prompts
+    from ucm.tools.model_export import ensure_model
 
     model = ensure_model()
     kw = dict(model=model, enforce_eager=True, dtype="bfloat16", kv_cache_memory_bytes=1 << 30,

@@ -76,7 +76,9 @@ def main() -> None:
     torch.cuda.empty_cache()
 
     with TieredStore(cfg, lay.page_size) as s:
-        assert s.host.slots.pinned, "the host tier must be pinned (cudaHostRegister) for this benchmark"
+        reg = HostTransfer(lay)
+        assert reg.register_host(s.host.slots.tensor), "the host tier must be pinned (cudaHostRegister)"
+        s.host.on_close(reg.unregister_host)
         tier_flat = s.host.slots.tensor.view(-1)[:nbytes]
         gpu_flat = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
         timed(lambda: tier_flat.copy_(gpu_flat, non_blocking=True))
@@ -87,11 +89,11 @@ def main() -> None:
         rows.append(("0. DMA from the host tier's registered memory (contiguous)", h2d_tier, h2d, "pinned DMA H2D"))
         for mode in ("staged", "direct"):
             xfer = HostTransfer(lay, mode)
-            fill = lambda pages, slots, which: xfer.to_host([blocks[i] for i in which], pages, slots)
+            dump = lambda some: s.wait(xfer.save(t := s.prepare_dump(some), blocks) or t)  # noqa: E731
             # warm-up (kernel compile, first touch), then the timed dump into fresh pages
-            s.wait(s.dump_into(ids[:64], fill, cuda=True))
+            dump(ids[:64])
             s.commit(ids[:64], False)
-            t_dump = timed(lambda: s.wait(s.dump_into(ids, fill, cuda=True)))
+            t_dump = timed(lambda: dump(ids))
             rows.append((f"1. GPU cache -> host tier ({mode})", t_dump, d2h, "pinned DMA D2H"))
             if mode == "staged":  # the same copy without the store's bookkeeping (slot reservation)
                 slots = list(range(n))
@@ -114,15 +116,20 @@ def main() -> None:
     lay2 = KVLayout.from_tensors(kv2, nb)
     with TieredStore(cfg2, lay.page_size) as s:
         t0 = time.perf_counter()
-        task = s.load_into(ids, lambda pages, slots, which: None)  # promotion only: SSD -> host tier
+        task = s.prepare_load(ids)  # promotion only: SSD -> host tier
+        for _ in task.ready():
+            pass
         assert s.wait(task) == 0
         t_read = time.perf_counter() - t0
         rows.append(("3. SSD -> host tier (read, checksum, promote)", t_read, t_ddr, "dd iflag=direct"))
+        reg = HostTransfer(lay2)
+        assert reg.register_host(s.host.slots.tensor)
+        s.host.on_close(reg.unregister_host)
         for mode in ("staged", "direct"):
             xfer = HostTransfer(lay2, mode)
-            fill = lambda pages, slots, which: xfer.from_host([blocks[i] for i in which], pages, slots)
-            s.wait(s.load_into(ids[:64], fill, cuda=True))
-            t_up = timed(lambda: s.wait(s.load_into(ids, fill, cuda=True)))
+            load = lambda some: s.wait(xfer.restore(t := s.prepare_load(some), blocks) or t)  # noqa: E731
+            load(ids[:64])
+            t_up = timed(lambda: load(ids))
             rows.append((f"4. host tier -> GPU cache ({mode})", t_up, h2d, "pinned DMA H2D"))
         ok = all(torch.equal(a[:, blocks].view(torch.uint8), b[:, blocks].view(torch.uint8)) for a, b in zip(kv, kv2))
     shutil.rmtree(shm, ignore_errors=True)

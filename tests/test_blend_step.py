@@ -3,7 +3,7 @@ test_blend_vllm.py, where recomputing every token reproduces full prefill)."""
 
 import torch
 
-from ucm.integration.vllm.blend_step import BlendStep, layer_index
+from ucm.integration.vllm.blend.step import BlendStep, layer_index
 
 
 def _step(ratio, n_batch=12, reused=(2, 3, 4, 5, 6, 7), last=(11,), span=1):

@@ -9,9 +9,9 @@ import torch
 
 from vllm_harness import BLOCK, prompt_tokens, run_vllm, ucm_connector
 from ucm.config import from_dict
-from ucm.integration.vllm.debug import debug_connector, debug_request
-from ucm.integration.vllm.doctor import diagnose, report
-from ucm.integration.vllm.model_export import ensure_model
+from ucm.tools.debug import debug_blocks, debug_connector, debug_request
+from ucm.tools.doctor import diagnose, report
+from ucm.tools.model_export import ensure_model
 from ucm.integration.vllm.ucm_connector import RequestMeta, UCMConnectorMetadata
 
 pytestmark = pytest.mark.vllm
@@ -23,13 +23,16 @@ def _cfg(root) -> dict:
             "ssd": {"path": os.path.join(root, "ssd"), "capacity": "256MiB"}}
 
 
-def _save(root, tokens, salt=None, block_size=BLOCK):
-    """Save a prompt's full blocks through a real worker connector, as a cold vLLM run would."""
-    sched = debug_connector(ensure_model(), "scheduler", _cfg(root), block_size=block_size)
-    worker = debug_connector(ensure_model(), "worker", _cfg(root), block_size=block_size)
+def _save(root, tokens, salt=None, block_size=BLOCK, tp_size=1, rank=0):
+    """Save a prompt's full blocks through real connectors, as a cold vLLM run would: the scheduler's
+    lookup and allocation (the journal records them and the chain's seed), the ids the scheduler
+    computed for the request, the worker of rank `rank` storing its shard."""
+    sched = debug_connector(ensure_model(), "scheduler", _cfg(root), block_size=block_size, tp_size=tp_size)
+    worker = debug_connector(ensure_model(), "worker", _cfg(root), block_size=block_size, tp_size=tp_size, rank=rank)
     req = debug_request("cold", tokens, cache_salt=salt)
-    sched.get_num_new_matched_tokens(req, 0)  # the journal records the lookup (and the chain's seed)
-    ids = sched.request_hasher.generate_block_hashes(tokens, salt=salt)
+    sched.get_num_new_matched_tokens(req, 0)
+    ids = list(sched.scheduler.reqs["cold"].ids)  # exactly what the connector hashes (salt, extras)
+    sched.update_state_after_alloc(req, debug_blocks(range(len(ids))), 0)
     for t in worker.kv_caches.values():
         t[:len(ids)].copy_(torch.randn_like(t[:len(ids)]))
     worker.bind_connector_metadata(UCMConnectorMetadata(requests=[
@@ -38,6 +41,7 @@ def _save(root, tokens, salt=None, block_size=BLOCK):
     worker.clear_connector_metadata()
     worker.store.flush()
     worker.shutdown()
+    sched.shutdown()
     return ids
 
 
@@ -106,9 +110,63 @@ def test_patches_disabled_is_named_and_cli_runs(tmp_path):
     _save(tmp_path, A)
     cfg = tmp_path / "ucm.yaml"
     cfg.write_text(f"host: {{capacity: 64MiB, path: {tmp_path}/host}}\nssd: {{path: {tmp_path}/ssd, capacity: 256MiB}}\n")
-    p = subprocess.run([sys.executable, "-m", "ucm.cli", "--config", str(cfg), "doctor", "--tokens",
+    p = subprocess.run([sys.executable, "-m", "ucm.tools.cli", "--config", str(cfg), "doctor", "--tokens",
                         ",".join(map(str, A[:100]))], capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, UCM_DISABLE_PATCHES="1"))
     assert p.returncode == 0, p.stderr[-2000:]
     assert "=== UCM Doctor ===" in p.stdout and "host 3, ssd 0, remote 0, missing 0" in p.stdout, p.stdout
     assert "- patches disabled (UCM_DISABLE_PATCHES=1): on vLLM 0.32 this does not cause misses" in p.stdout
+
+
+def test_salted_blocks_stored_by_the_connector_are_found_with_their_salt(tmp_path):
+    """The ids the real connector stores for a salted request (identity.py), not a hash of the raw salt."""
+    ids = _save(tmp_path, A, salt="tenant-b")
+    assert ids != debug_connector(ensure_model(), "scheduler", _cfg(tmp_path)).request_hasher.generate_block_hashes(
+        A, salt="tenant-b"), "the connector salts the chain with its request salt, not the raw cache_salt"
+    d, text = _diag(tmp_path, A, salt="tenant-b")
+    assert d.best()[1] == ["host"] * 9, text
+    d, text = _diag(tmp_path, A, salt="tenant-c")
+    assert d.best()[1] == ["none"] * 9, text
+
+
+def test_tp_rank_one_shard_is_found_and_the_missing_rank_named(tmp_path):
+    """A simulated rank 1 of a TP=3 engine stores its shard: doctor finds it under rank 1's ids and names
+    the ranks that have not stored theirs (a block hits only when every rank has it)."""
+    _save(tmp_path, A, tp_size=3, rank=1)
+    d, text = _diag(tmp_path, A)
+    root, where = d.best()
+    assert d.ranks[root][1] == ["host"] * 9 and d.ranks[root][0] == ["none"] * 9, text
+    assert where == ["none"] * 9, text
+    assert any(r.startswith("TP shards incomplete: the store was written with tp_size 3") and "rank 1 9" in r
+               and "rank 0 0" in r for r in d.reasons), text
+    assert "rank 1: H H H H H H H H H" in text, text
+
+
+def _files(root) -> dict:
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            path = os.path.join(dirpath, f)
+            out[path] = open(path, "rb").read()
+    return out
+
+
+def test_doctor_leaves_the_cache_as_it_found_it(tmp_path):
+    """Run while no server is up, on a host tier its last user left behind (killed with its watcher):
+    the host tier's pages and index, and the SSD tier, stay byte for byte what they were (doctor opens
+    the tiers read-only: no users lock, no reclaim, nothing dropped at exit)."""
+    from ucm.tiers.store import close_shared
+
+    _save(tmp_path, A)
+    snapshot = _files(tmp_path)
+    assert any(p.endswith("pages.bin") for p in snapshot)
+    close_shared()  # the last user leaves: the host tier (keep_after_exit: false) is dropped ...
+    assert not any(p.endswith("pages.bin") for p in _files(tmp_path))
+    for path, data in snapshot.items():  # ... and put back, as a process killed with its watcher leaves it
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        open(path, "wb").write(data)
+    d, text = _diag(tmp_path, A)
+    assert d.best()[1] == ["host"] * 9, text
+    after = _files(tmp_path)
+    assert sorted(after) == sorted(snapshot), f"files changed: {set(after) ^ set(snapshot)}"
+    assert all(after[p] == snapshot[p] for p in snapshot), [p for p in snapshot if after[p] != snapshot[p]]

@@ -5,8 +5,8 @@ import os
 import pytest
 import torch
 
-from ucm.integration.vllm.debug import debug_connector
-from ucm.integration.vllm.model_export import ensure_model
+from ucm.tools.debug import debug_connector
+from ucm.tools.model_export import ensure_model
 from ucm.integration.vllm.ucm_connector import RequestMeta, UCMConnectorMetadata
 from ucm.tiers.store import close_shared
 
@@ -37,12 +37,12 @@ def stored(tmp_path):
 
 def _load(root, ids, host, wait_layers, whole=BLOCKS):
     w = debug_connector(ensure_model(), "worker", _cfg(root, host))
-    assert w._layer_plan is not None and len(w._layer_plan.groups) > 2
+    assert w.worker._layer_plan is not None and len(w.worker._layer_plan.groups) > 2
     dst = list(range(10, 10 + BLOCKS))
     w.bind_connector_metadata(UCMConnectorMetadata(requests=[
         RequestMeta("r2", load_block_ids=(ids, dst), load_whole_blocks=whole)]))
     w.start_load_kv(None)
-    layered = w._layered is not None
+    layered = w.worker._layered is not None
     for name in list(w.kv_caches)[:wait_layers]:
         w.wait_for_layer_load(name)
     errors = w.get_block_ids_with_load_errors()
@@ -56,7 +56,7 @@ def test_every_layer_awaited_loads_exact_bytes(stored):
     assert layered and errors == set()
     for name, kv in w.kv_caches.items():
         assert torch.equal(kv[dst], pages[name]), name
-    assert w._totals["ssd_hit_blocks"] == 0 and w._stats.data["ssd_hit_blocks"] == BLOCKS
+    assert w.worker._totals["ssd_hit_blocks"] == 0 and w.worker.stats.data["ssd_hit_blocks"] == BLOCKS
 
 
 def test_a_partly_covered_last_block_loads_whole_before_the_forward_pass(stored):
@@ -72,4 +72,4 @@ def test_layers_not_awaited_fail_the_blocks_and_turn_layerwise_off(stored):
     root, ids, _ = stored
     w, dst, errors, layered = _load(root, ids, "host-d", wait_layers=3)
     assert layered and errors == set(dst)
-    assert w._layer_plan is None, "later loads are whole, before the forward pass"
+    assert w.worker._layer_plan is None, "later loads are whole, before the forward pass"

@@ -110,7 +110,7 @@ def test_aligned_zeros_are_4k_aligned_and_zero():
     assert at.float32 is torch.float32  # everything else is torch's
 
 
-VERIFY = [sys.executable, "-m", "ucm.cli", "verify"]
+VERIFY = [sys.executable, "-m", "ucm.tools.cli", "verify"]
 
 
 def test_verify_reports_every_line_with_patches_on(tmp_path):
@@ -148,7 +148,7 @@ def test_verify_with_patches_disabled_and_with_a_broken_config(tmp_path):
 def test_verify_when_vllm_was_imported_before_ucm():
     code = """
     import vllm.v1.worker.gpu_model_runner  # vLLM first, as a serving script might
-    from ucm.integration.vllm.verify import verify
+    from ucm.tools.verify import verify
     checks, code = verify()
     print("LINES " + "|".join(f"{c.title}={c.status}" for c in checks[:5]) + f" CODE {code}")
     """

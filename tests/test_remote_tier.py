@@ -309,7 +309,7 @@ def test_created_files_are_private(tmp_path, server):
 
 def test_ucm_verify_checks_the_remote_tier(tmp_path):
     from redis_servers import free_port
-    from ucm.integration.vllm.verify import _config_checks
+    from ucm.tools.verify import _config_checks
 
     server = RedisServer(str(tmp_path), password="pw")
     try:

@@ -1,4 +1,5 @@
-"""Paged KV -> host tier pages -> SSD -> fresh host tier -> paged KV, with the zero-copy store hooks."""
+"""Paged KV -> host tier pages -> SSD -> fresh host tier -> paged KV, through the store's prepare/complete
+primitives and the transfer layer."""
 
 import pytest
 import torch
@@ -37,8 +38,11 @@ def test_kv_blocks_survive_the_tiers(tmp_path, shm_dir, kind, mode, host_on):
     cfg = config(tmp_path, host="1MiB")
     cfg = cfg.replace(host=cfg.host.__class__(capacity=cfg.host.capacity, path=f"{host_root}/h1"))
     with TieredStore(cfg, lay.page_size) as s:
-        t = s.dump_into(ids, lambda pages, slots, which: xfer.to_host([blocks[i] for i in which], pages, slots),
-                        cuda=DEV == "cuda")
+        if host_on == "tmpfs" and DEV == "cuda":
+            assert xfer.register_host(s.host.slots.tensor), "host tier on tmpfs must be pinnable"
+            s.host.on_close(xfer.unregister_host)
+        t = s.prepare_dump(ids)
+        xfer.save(t, blocks)
         assert s.wait(t) == 0
         s.commit(ids)
         s.flush()
@@ -52,8 +56,8 @@ def test_kv_blocks_survive_the_tiers(tmp_path, shm_dir, kind, mode, host_on):
     with TieredStore(cfg.replace(host=cfg.host.__class__(capacity=cfg.host.capacity, path=f"{host_root}/h2")),
                      lay.page_size) as s:
         assert s.where(ids) == ["ssd"] * 5
-        t = s.load_into(ids, lambda pages, slots, which: xfer2.from_host([targets[i] for i in which], pages, slots),
-                        cuda=DEV == "cuda")
+        t = s.prepare_load(ids)
+        xfer2.restore(t, targets)
         assert s.wait(t) == 0
     bdim = 1 if kind == "gpu" else 0
     for a, b in zip(kv, kv2):

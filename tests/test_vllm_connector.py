@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from storekit import flip_bits
+from storekit import flip_bits, perturb
 from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
 
 pytestmark = pytest.mark.vllm
@@ -136,6 +136,14 @@ def _slot_place(tier_dir, slot):
     return os.path.join(tier_dir, f"slab_{slot // per_slab:05d}.bin"), (slot % per_slab) * slot_size
 
 
+def _damaged_copy(root, work):
+    """A copy of the stored SSD tier in `work`; (tier directory, slots in put order) to damage."""
+    shutil.copytree(os.path.join(root, "ssd"), os.path.join(work, "ssd"))
+    tier, slots = _slots_in_put_order(os.path.join(work, "ssd"))
+    assert len(slots) >= A_BLOCKS
+    return tier, slots
+
+
 @pytest.fixture(scope="module")
 def ref_split4():
     """vLLM's prefix cache reusing exactly A's first 4 blocks, computed (like the stored ones) by a
@@ -153,9 +161,7 @@ def test_corrupted_store_reports_load_errors_and_recomputes(ref, ref_split4, sto
     if mp:
         pytest.skip("corruption is checked in single-process mode")
     work = str(tmp_path)
-    shutil.copytree(os.path.join(root, "ssd"), os.path.join(work, "ssd"))
-    tier, slots = _slots_in_put_order(os.path.join(work, "ssd"))
-    assert len(slots) >= A_BLOCKS
+    tier, slots = _damaged_copy(root, work)
     if damage == "flip-first-block":
         path, off = _slot_place(tier, slots[0])
         flip_bits(path, off + 1000, 0xFF)
@@ -167,6 +173,52 @@ def test_corrupted_store_reports_load_errors_and_recomputes(ref, ref_split4, sto
     r = run_vllm([[A]], connector=ucm_connector(work))
     assert "failed to load" in r["log"], "the load error must be logged"
     assert_identical(r["phases"][0], expected)
+
+
+def test_a_corrupted_store_heals_in_the_request_that_found_the_damage(ref, stored_a, tmp_path):
+    """Every stored page corrupted: the next process gets load errors, recomputes (exactly), and stores
+    the blocks it recomputed, so a third fresh process hits all of them from the SSD."""
+    root, mp, _ = stored_a
+    if mp:
+        pytest.skip("corruption is checked in single-process mode")
+    work = str(tmp_path)
+    tier, slots = _damaged_copy(root, work)
+    for slot in slots:
+        path, off = _slot_place(tier, slot)
+        flip_bits(path, off + 1000, 0xFF)
+    r = run_vllm([[A]], connector=ucm_connector(work))
+    assert "failed to load" in r["log"], "the load errors must be logged"
+    assert_identical(r["phases"][0], ref["phases"][0])
+    third = run_vllm([[A]], connector=warm_connector(work, "third", False))
+    m = third["phase_metrics"][0]
+    assert m.get(EXT) == A_BLOCKS * BLOCK, f"the healed store must hit every block: {m.get(EXT)} tokens"
+    assert m.get(DISK) == A_BLOCKS * BLOCK
+    assert_identical(third["phases"][0], ref["phases"][1])
+
+
+def test_blocks_computed_over_a_failed_load_are_not_stored_as_they_are(stored_a, tmp_path):
+    """C extends A: A's 9 stored blocks load and C's 3 new full blocks are computed in the same step.
+    Every stored page is damaged, so those 3 blocks were computed over KV that was not there: they must
+    not be stored from that step (vLLM recomputes the request, and they are stored from the recompute).
+    A third process then loads all 12 blocks with outputs identical to vLLM's own reuse of them."""
+    root, mp, _ = stored_a
+    if mp:
+        pytest.skip("corruption is checked in single-process mode")
+    c_blocks = len(C) // BLOCK
+    ref = run_vllm([[C], [C]], prefix_caching=True)
+    assert ref["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == c_blocks * BLOCK
+    work = str(tmp_path)
+    tier, slots = _damaged_copy(root, work)
+    page = int(os.path.basename(tier)[1:])
+    for slot in slots:
+        path, off = _slot_place(tier, slot)
+        perturb(path, off, page, seed=slot)
+    r = run_vllm([[C]], connector=ucm_connector(work))
+    assert "failed to load" in r["log"] and "not saved: the step's loads failed" in r["log"], r["log"][-3000:]
+    assert_identical(r["phases"][0], ref["phases"][0])
+    third = run_vllm([[C]], connector=warm_connector(work, "third", False))
+    assert third["phase_metrics"][0].get(EXT) == c_blocks * BLOCK
+    assert_identical(third["phases"][0], ref["phases"][1])
 
 
 def test_working_set_larger_than_the_tiers(tmp_path):

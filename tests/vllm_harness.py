@@ -14,7 +14,7 @@ EXT = "vllm:prompt_tokens_by_source{source=external_kv_transfer}"
 
 
 def model_path() -> str:
-    from ucm.integration.vllm.model_export import ensure_model
+    from ucm.tools.model_export import ensure_model
 
     return ensure_model()
 
@@ -26,7 +26,7 @@ def tokenizer():
 
 
 def real_text() -> str:
-    from ucm.integration.vllm.demo import real_text as text
+    from ucm.tools.demo import real_text as text
 
     return text()
 
@@ -52,8 +52,8 @@ def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", 
 
 def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=False, dtype="bfloat16",
              max_tokens=8, max_num_batched_tokens=None, kv_cache_bytes=256 << 20, max_model_len=4096, env=None,
-             timeout=600, hooks=None, logprobs=1) -> dict:
-    spec = {"model": model_path(), "connector": connector, "prefix_caching": prefix_caching, "dtype": dtype,
+             timeout=600, hooks=None, logprobs=1, close_store=True) -> dict:
+    spec = {"close_store": close_store, "model": model_path(), "connector": connector, "prefix_caching": prefix_caching, "dtype": dtype,
             "block_size": BLOCK, "max_tokens": max_tokens, "max_num_batched_tokens": max_num_batched_tokens,
             "kv_cache_bytes": kv_cache_bytes, "max_model_len": max_model_len, "phases": phases,
             "hooks": {str(k): v for k, v in (hooks or {}).items()}, "logprobs": logprobs}

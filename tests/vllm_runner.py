@@ -7,7 +7,9 @@ SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?
        "phases": [[prompt, ...], ...],   each phase is one llm.generate call (one batch); a prompt is a
                                          list of token ids or {"tokens": [...], "salt"?: cache_salt,
                                          "chunks"?: [[start, end], ...] (BlendConnector boundaries)}
-       "hooks"?: {phase index: {"before": shell command, "during": [seconds, shell command]}}}
+       "hooks"?: {phase index: {"before": shell command, "during": [seconds, shell command]}},
+       "close_store"?: false (exit without closing the store, as an exit that skips atexit does),
+       "hold"?: true (after the result line, print UCM-HOLDING and wait for a signal)}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens", "first_top"}, ...], ...], "seconds": [per phase],
          "metrics": {name{labels}: value}, "phase_metrics": [...per phase external tokens...]}
@@ -92,10 +94,15 @@ def main() -> None:
         phase_metrics.append({k: after.get(k, 0) - before.get(k, 0) for k in after})
     print("UCM-RESULT " + json.dumps({"phases": phases, "phase_metrics": phase_metrics, "seconds": seconds,
                                      "metrics": _metric_values(llm)}), flush=True)
+    if spec.get("hold"):  # stay up, as a server would, until a signal ends the process
+        print("UCM-HOLDING", flush=True)
+        while True:
+            time.sleep(3600)
     llm.llm_engine.engine_core.shutdown()
-    from ucm.tiers.store import close_shared
+    if spec.get("close_store", True):
+        from ucm.tiers.store import close_shared
 
-    close_shared()  # os._exit skips atexit: close the store (drops the host tier if this was its last user)
+        close_shared()  # os._exit skips atexit: close the store (drops the host tier if this was its last user)
     os._exit(0)  # vLLM's background threads can delay a clean exit; results are printed
 
 

@@ -10,7 +10,8 @@ Two designs for a GPU cache, chosen by `mode` (config key `gpu_transfer`):
   `programs` programs; no staging memory.
 
 For a CPU cache (vLLM's CPU backend) both are the vectorised torch path straight into the pages.
-All work is enqueued on the current stream; the caller records an event and synchronizes.
+All work is enqueued on the current stream; `synchronize()` waits for it. The transfer layer alone
+touches the device: it registers host memory with CUDA (`register_host`) and owns the events.
 """
 
 from __future__ import annotations
@@ -45,10 +46,46 @@ class HostTransfer:
         self.mode = mode
         self.programs = programs
         self.gpu = layout.device.type == "cuda"
+        self._registered: list[int] = []
         self.ring = None
         if self.gpu and mode == "staged":
             pages = max(1, ring_bytes // layout.page_size)
             self.ring = torch.empty((pages, layout.page_size), dtype=torch.uint8, device=layout.device)
+
+    def register_host(self, pages: torch.Tensor) -> bool:
+        """Pin host memory the kernels read and write (the host tier's pages) with cudaHostRegister, so
+        DMA and UVA reach it; True if it is pinned. Call `unregister_host` before the memory goes."""
+        if not self.gpu or pages.is_pinned():
+            return pages.is_pinned()
+        rc = torch.cuda.cudart().cudaHostRegister(pages.data_ptr(), pages.numel() * pages.element_size(), 0)
+        if int(rc) != 0:
+            return False
+        self._registered.append(pages.data_ptr())
+        return True
+
+    def unregister_host(self) -> None:
+        for ptr in self._registered:
+            torch.cuda.cudart().cudaHostUnregister(ptr)
+        self._registered = []
+
+    def synchronize(self) -> None:
+        """Wait until the copies enqueued so far (on the current stream) are done."""
+        if self.gpu:
+            torch.cuda.current_stream().synchronize()
+
+    def save(self, task, block_ids: Sequence[int]) -> None:
+        """Fill a prepared dump (the store's `prepare_dump` task: `pages`, `placed` (index, slot) pairs)
+        from KV blocks block_ids[index], and wait for the copies; then the caller commits."""
+        if task.placed:
+            self.to_host([block_ids[i] for i, _ in task.placed], task.pages, [s for _, s in task.placed])
+        self.synchronize()
+
+    def restore(self, task, block_ids: Sequence[int]) -> None:
+        """Copy a prepared load (the store's `prepare_load` task) into KV blocks block_ids[index], batch by
+        batch as its pages become readable, and wait for the copies; then the caller waits on the task."""
+        for pages, slots, which in task.ready():
+            self.from_host([block_ids[i] for i in which], pages, slots)
+        self.synchronize()
 
     def to_host(self, block_ids: Sequence[int], pages: torch.Tensor, slots: Sequence[int]) -> None:
         """pages[slots[k]] <- KV block block_ids[k] (all layers)."""

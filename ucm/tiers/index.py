@@ -115,19 +115,27 @@ class Entry:
 class SlotIndex:
     """Replayed view of a tier's log, plus the writer operations (under `locked()`)."""
 
-    def __init__(self, directory: str, num_slots: int):
+    def __init__(self, directory: str, num_slots: int, readonly: bool = False):
+        """`readonly`: replay an existing log (none: empty), never create, lock or write anything."""
         self.dir = directory
         self.num_slots = num_slots
         self.log_path = os.path.join(directory, "index.log")
         self.owner = process_owner()
-        self._lock_fd = os.open(os.path.join(directory, "index.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        self.readonly = readonly
+        self._lock_fd = -1 if readonly else os.open(os.path.join(directory, "index.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._locked = False
         self._open_log()
         self.refresh()
 
     # ---- replay -------------------------------------------------------------------------------
     def _open_log(self) -> None:
-        self._fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+        if self.readonly:
+            try:
+                self._fd = os.open(self.log_path, os.O_RDONLY)
+            except FileNotFoundError:
+                self._fd = -1
+        else:
+            self._fd = os.open(self.log_path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
         self._offset = 0
         self.entries: dict[bytes, Entry] = {}  # committed blocks
         self.lru: OrderedDict[bytes, None] = OrderedDict()  # oldest first
@@ -141,7 +149,7 @@ class SlotIndex:
 
     def refresh(self) -> None:
         """Apply records appended since the last call (one pread when nothing is new)."""
-        while True:
+        while self._fd >= 0:
             size = os.fstat(self._fd).st_size
             if size - self._offset < RECORD.size:
                 break
@@ -216,6 +224,8 @@ class SlotIndex:
     @contextmanager
     def locked(self) -> Iterator["SlotIndex"]:
         """Exclusive writer section: replays the log first; appends go to `append()`."""
+        if self.readonly:
+            raise PermissionError(f"index {self.dir} is open read-only")
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         self._locked = True
         try:
@@ -345,6 +355,8 @@ class SlotIndex:
 
     def close(self) -> None:
         for fd in (self._fd, self._lock_fd):
+            if fd < 0:
+                continue
             try:
                 os.close(fd)
             except OSError:

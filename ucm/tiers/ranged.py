@@ -27,11 +27,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
 import xxhash
 
 from ucm.logger import get_logger
 from ucm.tiers import aio
+from ucm.tiers.slab import aligned_empty
 
 log = get_logger("Load")
 DIRECT_ALIGN = 4096  # bytes; covers 512 B and 4 KiB logical sectors
@@ -87,7 +87,8 @@ class RangedLoad:
     """
 
     def __init__(self, ssd, ids: Sequence[bytes], groups: Sequence[Sequence[PageRange]], dest: Dest,
-                 page_size: int, pool: ThreadPoolExecutor):
+                 page_size: int, pool: ThreadPoolExecutor, on_finish=None):
+        """`on_finish(n, errors, ids, page_size, ssd=True)`: told the outcome once (the store's stats)."""
         covered = sorted((r for g in groups for r in g), key=lambda r: r.page_offset)
         pos = 0
         for r in covered:
@@ -97,6 +98,7 @@ class RangedLoad:
         if pos != page_size:
             raise ValueError(f"page ranges cover {pos} B of a {page_size} B page")
         self.ssd, self.ids, self.dest, self.page_size = ssd, list(ids), dest, page_size
+        self._on_finish = on_finish
         self.groups = [_runs(g) for g in groups]
         self.errors: dict[int, str] = {}
         self._pins: list[tuple[int, int, object] | None] = []
@@ -217,10 +219,9 @@ class RangedLoad:
         if direct or not self.ssd.slots.direct:
             n = os.preadv(fd, [_view(a, r.length) for a, r in zip(addrs, run)], offset)
         else:  # O_DIRECT needs aligned memory: read into a bounce buffer, then place the bytes
-            bounce = torch.empty(total + DIRECT_ALIGN, dtype=torch.uint8)
-            skew = (-bounce.data_ptr()) % DIRECT_ALIGN
-            n = os.preadv(fd, [memoryview(bounce[skew:skew + total].numpy())], offset)
-            src = bounce.data_ptr() + skew
+            bounce = aligned_empty(total, DIRECT_ALIGN)
+            n = os.preadv(fd, [memoryview(bounce.numpy())], offset)
+            src = bounce.data_ptr()
             for a, r in zip(addrs, run):
                 ctypes.memmove(a, src, r.length)
                 src += r.length
@@ -274,7 +275,7 @@ class RangedLoad:
                 self._aio = None
         for f in self._futures:
             f.result()
-        bad: list[bytes] = []
+        bad: dict[bytes, str] = {}
         for i, pinned in enumerate(self._pins):
             if pinned is None:
                 continue
@@ -282,16 +283,14 @@ class RangedLoad:
             if i not in self.errors:
                 if (self._hashers[i].intdigest() or 1) != checksum:
                     self.errors[i] = "checksum mismatch (corrupt page)"
-                    bad.append(self.ids[i])
+                    bad[self.ids[i]] = self.errors[i]
                 elif not self.ssd.still_valid(slot, version):
                     self.errors[i] = "evicted from SSD during the read"
             elif self.errors[i].startswith("read failed"):
-                bad.append(self.ids[i])
+                bad[self.ids[i]] = self.errors[i]
             self.ssd.unpin(slot)
-        for i in sorted(self.errors):
-            if self.ids[i] in bad:
-                log.error("SSD block %s in %s: %s; evicted", self.ids[i].hex()[:12], self.ssd.dir, self.errors[i])
-        if bad:
-            self.ssd.evict(bad)  # lookups stop offering them
+        self.ssd.evict_corrupt(bad)
+        if self._on_finish is not None:
+            self._on_finish(len(self.ids), self.errors, self.ids, self.page_size, ssd=True)
         self._finished = True
         return self.errors

@@ -5,7 +5,7 @@ Two backends hold the bytes:
 * `MemorySlots`: one file in shared memory (/dev/shm), mapped into every process that opens the tier,
   so the scheduler process sees the worker's blocks and a restarted process finds them. Memory is
   reserved with posix_fallocate in 64 MiB chunks as slots are first used (a full /dev/shm makes slots
-  unavailable, never a SIGBUS), pinned with cudaHostRegister when CUDA is present.
+  unavailable, never a SIGBUS). Registering it with a device is the transfer layer's business.
 * `FileSlots`: slab files on disk, read and written with pread/pwrite (optionally O_DIRECT), one
   checksum per page verified on every read.
 
@@ -14,6 +14,7 @@ Slots are `page_size` rounded up to 4 KiB, so every slot is aligned for O_DIRECT
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import mmap
@@ -31,6 +32,7 @@ from ucm.tiers.index import SlotIndex
 
 ALIGN = 4096
 log = get_logger("Tier")
+log_load = get_logger("Load")
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -40,6 +42,13 @@ def round_up(n: int, align: int = ALIGN) -> int:
 def page_checksum(buf) -> int:
     """xxh3-64 of a page's bytes; never 0 (0 means 'not checksummed')."""
     return xxhash.xxh3_64_intdigest(buf) or 1
+
+
+def aligned_empty(nbytes: int, align: int = ALIGN) -> torch.Tensor:
+    """An uninitialised uint8 buffer whose address is a multiple of `align` (O_DIRECT reads need one)."""
+    raw = torch.empty(nbytes + align, dtype=torch.uint8)
+    skew = (-raw.data_ptr()) % align
+    return raw[skew:skew + nbytes]
 
 
 class TierError(OSError):
@@ -90,17 +99,7 @@ class MemorySlots:
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8).view(num_slots, slot_size)
         # the first chunks, while the caller is still starting up: a first save must not pay for them
         threading.Thread(target=self._prepare_ahead, args=(1,), name="ucm-prefault", daemon=True).start()
-        self.pinned = False
-        if torch.cuda.is_available():
-            fs = filesystem_type(self.path)
-            if fs not in ("tmpfs", "hugetlbfs"):
-                log.warning("host tier %s is on %s, which CUDA cannot pin; put host.path on tmpfs (e.g. /dev/shm) "
-                            "for direct GPU transfers (staged copies are used instead)", self.path, fs)
-            else:
-                rc = torch.cuda.cudart().cudaHostRegister(self.tensor.data_ptr(), size, 0)
-                self.pinned = int(rc) == 0
-                if not self.pinned:
-                    log.warning("cudaHostRegister of the host tier failed (%s); GPU copies will be slower", rc)
+        self.on_tmpfs = filesystem_type(self.path) in ("tmpfs", "hugetlbfs")  # where CUDA can pin it
 
     def _prepare(self, chunk: int) -> None:
         """Allocate one chunk (posix_fallocate) and map it in (MADV_POPULATE_WRITE, Linux >= 5.14)."""
@@ -153,9 +152,6 @@ class MemorySlots:
         return self.tensor[slot]
 
     def close(self) -> None:
-        if self.pinned:
-            torch.cuda.cudart().cudaHostUnregister(self.tensor.data_ptr())
-            self.pinned = False
         self.tensor = None
         try:
             self._mm.close()
@@ -240,10 +236,109 @@ class TierSpec:
     direct_io: bool = False
     fsync: bool = False
     keep_after_exit: bool = True
+    owned_parents: int = 0  # directories above <path>/p<page_size> that ucm made for it (removed when empty)
+    readonly: bool = False  # inspect only: never create, lock, reserve, write or drop anything
+
+
+TIER_FILES = ("pages.bin", "index.log", "index.lock", "index.log.compact")
+USERS_LOCK = "users.lock"
+
+def drop_if_unused(directory: str, owned_parents: int = 0, wait_s: float = 0.0) -> bool:
+    """Delete a memory tier's files, its lock and the directories ucm made for it, if no process holds
+    the tier's users lock (asked again for up to `wait_s` seconds: a process that just died may not have
+    released it yet); True if it did. Safe against a process joining meanwhile (see `_join_users`)."""
+    import time
+
+    path = os.path.join(directory, USERS_LOCK)
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return False
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    return False  # another process still uses the tier
+                time.sleep(0.02)
+        for f in TIER_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(directory, f))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)  # a joiner holding the old inode notices and retries
+        d = directory
+        for _ in range(owned_parents + 1):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+            d = os.path.dirname(d)
+        return True
+    finally:
+        os.close(fd)
+
+
+_REAPER_SOURCE: list[str] = []
+
+
+def _reaper_source() -> str:
+    """A script for `python -S`: fork (the watcher must not be a descendant of the tier's process: vLLM
+    kills its processes' descendants when it stops), print the watcher's pid, and in the watcher wait
+    until every copy of the pipe on stdin is closed (the tier's process closed it, exited or was
+    killed), then `drop_if_unused`. Covers exits that skip atexit (os._exit, SIGKILL, SIGTERM)."""
+    if not _REAPER_SOURCE:
+        import inspect
+
+        _REAPER_SOURCE.append("\n".join([
+            "import contextlib, fcntl, os, sys", f"TIER_FILES = {TIER_FILES!r}", f"USERS_LOCK = {USERS_LOCK!r}",
+            inspect.getsource(drop_if_unused),
+            "pid = os.fork()",
+            "if pid:",
+            "    sys.stdout.write(str(pid))",
+            "    sys.stdout.flush()",
+            "    os._exit(0)",
+            "os.close(1)",
+            "sys.stdin.buffer.read()",
+            # the dying process may close this pipe before its users lock: ask again for a while
+            "drop_if_unused(sys.argv[1], int(sys.argv[2]), wait_s=3.0)"]))
+    return _REAPER_SOURCE[0]
+
+
+def _start_reaper(directory: str, owned_parents: int) -> tuple[int | None, int | None]:
+    """The watcher process of a memory tier, an orphan in its own session; (its pid, the write end of
+    its pipe), or (None, None)."""
+    import subprocess
+    import sys
+
+    try:
+        r, w = os.pipe()
+        try:
+            launcher = subprocess.Popen([sys.executable, "-S", "-c", _reaper_source(), directory, str(owned_parents)],
+                                        stdin=r, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True,
+                                        start_new_session=True)
+            out, _ = launcher.communicate(timeout=30)
+        finally:
+            os.close(r)
+        return int(out), w
+    except (OSError, ValueError, subprocess.SubprocessError) as e:
+        if "w" in locals():
+            os.close(w)
+        log.warning("no exit watcher for the host tier %s (%s): if this process is killed, the next process to "
+                    "open the tier drops it", directory, e)
+        return None, None
 
 
 class SlabTier:
-    """Slots holding pages of `page_size` bytes; thread-safe; shared with other processes."""
+    """Slots holding pages of `page_size` bytes; thread-safe; shared with other processes.
+
+    Every process using a tier holds a shared lock on its users.lock. A memory tier that is not kept
+    after exit is dropped by the last process to leave it: at `close`, or, when a process dies without
+    closing, by a watcher process; a tier found with no users by a new opener is stale (left by a
+    process whose watcher died too) and is dropped before use, so it is never served against a
+    different SSD state. A `readonly` tier (diagnostics) takes no part in any of this."""
 
     def __init__(self, spec: TierSpec, page_size: int):
         self.spec = spec
@@ -255,18 +350,61 @@ class SlabTier:
             raise TierError(errno.EINVAL, f"{spec.name} tier capacity {spec.capacity} B holds no page of "
                             f"{page_size} B; raise {spec.name}.capacity")
         self.dir = os.path.join(spec.path, f"p{page_size}")
-        make_private_dirs(self.dir)
-        # every process using the tier holds a shared lock; the last one out may drop a memory tier
-        self._users_fd = os.open(os.path.join(self.dir, "users.lock"), os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._users_fd, fcntl.LOCK_SH)
+        self.lock = threading.RLock()
+        self.pins: Counter[int] = Counter()  # slots this process is reading or writing
+        self._users_fd = None
+        self._reaper: int | None = None  # the exit watcher's pid
+        self._reaper_fd = None
+        self._close_hooks: list = []
+        if spec.readonly:
+            self.index = SlotIndex(self.dir, self.num_slots, readonly=True)
+            self.slots = None
+            return
+        self._drops = spec.kind == "memory" and not spec.keep_after_exit
+        self._join_users()
         self.index = SlotIndex(self.dir, self.num_slots)
         if spec.kind == "memory":
             self.slots = MemorySlots(self.dir, self.num_slots, self.slot_size)
         else:
             per_slab = max(1, spec.slab_size // self.slot_size)
             self.slots = FileSlots(self.dir, self.slot_size, per_slab, spec.direct_io, spec.fsync)
-        self.lock = threading.RLock()
-        self.pins: Counter[int] = Counter()  # slots this process is reading or writing
+        if self._drops:
+            self._reaper, self._reaper_fd = _start_reaper(self.dir, spec.owned_parents)
+
+    def _join_users(self) -> None:
+        """Hold a shared lock on the users lock at the tier's path (retried when a last user removed
+        that file meanwhile); drop a stale memory tier found with no users."""
+        path = os.path.join(self.dir, USERS_LOCK)
+        while True:
+            make_private_dirs(self.dir)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except BlockingIOError:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                alone = False
+            try:
+                same = os.fstat(fd).st_ino == os.stat(path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the file was dropped while we waited for the lock: join the new one
+                os.close(fd)
+                continue
+            if alone and self._drops and any(os.path.exists(os.path.join(self.dir, f)) for f in TIER_FILES[:2]):
+                log.warning("host tier %s was left by a process that did not close it; dropping it (stale: "
+                            "its blocks may not match the SSD tier any more)", self.dir)
+                for f in TIER_FILES:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.dir, f))
+            if alone:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # nobody can drop files before we hold it: none exist yet
+            self._users_fd = fd
+            return
+
+    def on_close(self, hook) -> None:
+        """Call `hook()` before the tier's memory goes away (e.g. to unregister it from a device)."""
+        self._close_hooks.append(hook)
 
     # ---- queries ------------------------------------------------------------------------------
     def refresh(self) -> None:
@@ -350,6 +488,15 @@ class SlabTier:
                 for bid in ids:
                     self.index.mark_clean(bid)
 
+    def evict_corrupt(self, bad: dict[bytes, str]) -> None:
+        """Blocks whose page failed verification (checksum, short read): logged and evicted, so lookups
+        stop offering them and the next request that computes them stores them again."""
+        if not bad:
+            return
+        for bid, why in bad.items():
+            log_load.error("%s block %s in %s: %s; evicted", self.name.upper(), bid.hex()[:12], self.dir, why)
+        self.evict(list(bad))
+
     def evict(self, ids: list[bytes]) -> None:
         with self.lock:
             with self.index.locked():
@@ -358,16 +505,19 @@ class SlabTier:
 
     def close(self) -> None:
         with self.lock:
+            if self.spec.readonly:
+                self.index.close()
+                return
+            for hook in self._close_hooks:
+                with contextlib.suppress(Exception):
+                    hook()
+            self._close_hooks = []
             self.slots.close()
             self.index.close()
-            if not self.spec.keep_after_exit:
-                try:
-                    fcntl.flock(self._users_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    for f in ("pages.bin", "index.log", "index.lock"):
-                        try:
-                            os.unlink(os.path.join(self.dir, f))
-                        except FileNotFoundError:
-                            pass
-                except BlockingIOError:
-                    pass  # another process still uses the tier
+            if self._drops:
+                fcntl.flock(self._users_fd, fcntl.LOCK_UN)
+                drop_if_unused(self.dir, self.spec.owned_parents)
             os.close(self._users_fd)
+            if self._reaper_fd is not None:
+                os.close(self._reaper_fd)  # the watcher wakes, finds the tier dropped (or still used) and exits
+                self._reaper = self._reaper_fd = None

@@ -11,7 +11,7 @@
   (blend) reuse would have to change which blocks vLLM treats as computed.
 - Attention layer (`_patch_attention`): for BlendConnector's selective recompute. UCMConnector needs
   nothing here (vLLM 0.32 calls `wait_for_layer_load` / `save_kv_layer` around every attention layer).
-  While a blend step is active (`blend_step.ACTIVE`), the check layer picks the tokens to recompute,
+  While a blend step is active (`blend.step.ACTIVE`), the check layer picks the tokens to recompute,
   and later layers write the selected tokens' KV and attend over the whole context themselves (vLLM's
   kernels assume the queries are a request's last tokens; blended queries are scattered). Otherwise
   the original forward runs.
@@ -81,7 +81,7 @@ def _patch_attention(attention_module) -> None:
 
 
 def _blend_attention_forward(original):
-    from ucm.integration.vllm import blend_step
+    from ucm.integration.vllm.blend import step as blend_step
 
     def forward(self, query, key, value, output_shape=None, output_dtype=None):
         step = blend_step.ACTIVE
@@ -108,7 +108,7 @@ def _patch_llama_decoder_layer(llama_module) -> None:
 
 
 def _blend_decoder_forward(original):
-    from ucm.integration.vllm import blend_step
+    from ucm.integration.vllm.blend import step as blend_step
 
     def forward(self, positions, hidden_states, residual, **kwargs):
         step = blend_step.ACTIVE

@@ -23,8 +23,10 @@ import os
 from dataclasses import dataclass, field
 
 from ucm.config import UCMConfig
-from ucm.hashing import HashSeed, RequestHasher
+from ucm.hashing import HashSeed
+from ucm.integration.vllm.identity import BlockIdentity, salt_string
 from ucm.integration.vllm.journal import read_lookups, read_seeds
+from ucm.tiers import TieredStore, tier_roots
 
 SEED_FIELDS = ("model", "dtype", "kv_layout", "block_size", "tp_size", "extra", "format_version")
 
@@ -34,6 +36,7 @@ class Diagnosis:
     tokens: int
     seeds: dict[str, dict]  # root prefix -> seed fields, as recorded in the store's journal
     where: dict[str, list[str]] = field(default_factory=dict)  # root prefix -> per block: host/ssd/remote/none
+    ranks: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # root prefix -> TP rank -> per block
     reasons: list[str] = field(default_factory=list)
     store_blocks: dict[str, int] = field(default_factory=dict)  # tier -> blocks
     remote_down: str = ""  # the unreachable remote tier's address
@@ -42,7 +45,10 @@ class Diagnosis:
     def best(self) -> tuple[str, list[str]] | None:
         if not self.where:
             return None
-        return max(self.where.items(), key=lambda kv: sum(w != "none" for w in kv[1]))
+        def stored(kv):  # blocks held by any rank count, so a partly written TP store is the one shown
+            shards = self.ranks.get(kv[0]) or {0: kv[1]}
+            return sum(w != "none" for shard in shards.values() for w in shard)
+        return max(self.where.items(), key=stored)
 
 
 def _leading(where: list[str]) -> int:
@@ -54,28 +60,23 @@ def _leading(where: list[str]) -> int:
 
 def _store_pages(config: UCMConfig) -> list[int]:
     """Page sizes the store holds data for (one subdirectory p<bytes> per page size)."""
-    from ucm.tiers.store import _default_host_path
+    return sorted({p for r in tier_roots(config) for p in r.page_sizes()})
 
-    roots = [_default_host_path(config) if config.host.path == "auto" else config.host.path]
-    if config.ssd:
-        roots.append(config.ssd.path)
-    pages = set()
-    for root in roots:
-        if os.path.isdir(root):
-            pages |= {int(d[1:]) for d in os.listdir(root) if d.startswith("p") and d[1:].isdigit()}
-    return sorted(pages)
+
+def _seed(fields: dict) -> HashSeed:
+    return HashSeed(**{k: fields[k] for k in SEED_FIELDS if k in fields}, tp_rank=fields.get("tp_rank", 0))
 
 
 def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, dtype: str | None = None,
              block_size: int | None = None, tp_size: int | None = None, salt: str | None = None) -> Diagnosis:
-    """Look the prompt up under every recorded root; model/dtype/block_size/tp_size: what the user's
-    vLLM runs with (those given are compared with what the store holds)."""
-    from ucm.tiers import TieredStore
-
+    """Look the prompt up under every recorded root, with the ids the connector gives it (identity.py:
+    the request salt of `salt`, every TP rank's shard); model/dtype/block_size/tp_size: what the user's
+    vLLM runs with (those given are compared with what the store holds). Opens the tiers read-only:
+    the cache is left exactly as it was found."""
     seeds: dict[str, dict] = {}
     diag = Diagnosis(len(tokens), seeds)
     for page in _store_pages(config):
-        with TieredStore(config, page) as store:
+        with TieredStore(config, page, readonly=True) as store:
             seeds.update(read_seeds(store.storage_path))
             diag.lookups += read_lookups(store.storage_path)
             for tier, u in store.usage().items():
@@ -83,11 +84,15 @@ def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, 
             if store.remote is not None and not store.remote.up:
                 diag.remote_down = store.remote.where
             for root, fields in read_seeds(store.storage_path).items():
-                seed = HashSeed(**{k: fields[k] for k in SEED_FIELDS if k in fields},
-                                tp_rank=fields.get("tp_rank", 0))
-                ids = RequestHasher(seed).generate_block_hashes(tokens, salt=salt)
-                if ids:
-                    diag.where[root] = [w or "none" for w in store.where(ids)]
+                identity = BlockIdentity.from_seed(_seed(fields))
+                ids = identity.chain(tokens, salt_string(salt))
+                if not ids:
+                    continue
+                per_rank = {r: store.where(identity.for_rank(ids, r)) for r in identity.ranks()}
+                diag.ranks[root] = per_rank
+                # a block hits only when every rank holds its shard
+                diag.where[root] = [next((w[k] for w in per_rank.values() if w[k] == "none"), per_rank[0][k])
+                                    for k in range(len(ids))]
     _explain(diag, config, tokens, model=model, dtype=dtype, block_size=block_size, tp_size=tp_size, salt=salt)
     return diag
 
@@ -122,6 +127,13 @@ def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> N
     found, lead = sum(w != "none" for w in where), _leading(where)
     lookups = [x for x in diag.lookups if x.get("seed") == root]
     bs = diag.seeds[root].get("block_size", bs)
+    held = {k: sum(w != "none" for w in shard) for k, shard in diag.ranks.get(root, {}).items()}
+    if len(set(held.values())) > 1:
+        r.append(f"TP shards incomplete: the store was written with tp_size {len(held)}, and a block hits only when "
+                 "every rank stored its shard; blocks held per rank: "
+                 + ", ".join(f"rank {k} {n}" for k, n in held.items()))
+    if found == 0 and any(held.values()):
+        return
     if found == 0:
         salted = [x for x in lookups if x.get("salted")]
         if salt is None and salted:
@@ -149,9 +161,8 @@ def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> N
 
 
 def _first_id(diag: Diagnosis, root: str, tokens: list[int], salt: str | None) -> str:
-    f = diag.seeds[root]
-    seed = HashSeed(**{k: f[k] for k in SEED_FIELDS if k in f}, tp_rank=f.get("tp_rank", 0))
-    ids = RequestHasher(seed).generate_block_hashes(tokens[:seed.block_size], salt=salt)
+    identity = BlockIdentity.from_seed(_seed(diag.seeds[root]))
+    ids = identity.chain(tokens[:identity.seed.block_size], salt_string(salt))
     return ids[0].hex() if ids else ""
 
 
@@ -195,8 +206,11 @@ def report(diag: Diagnosis) -> str:
         counts = {t: where.count(t) for t in ("host", "ssd", "remote", "none")}
         lines.append(f"blocks under root {root}: {len(where)} full; host {counts['host']}, ssd {counts['ssd']}, "
                      f"remote {counts['remote']}, missing {counts['none']}")
-        lines.append("  " + " ".join(w[0].upper() if w != "none" else "." for w in where)
-                     + "   (H host, S ssd, R remote, . missing)")
+        grid = lambda ws: " ".join(w[0].upper() if w != "none" else "." for w in ws)  # noqa: E731
+        lines.append("  " + grid(where) + "   (H host, S ssd, R remote, . missing)")
+        shards = diag.ranks.get(root, {})
+        if len(shards) > 1:
+            lines += [f"  rank {k}: {grid(ws)}" for k, ws in shards.items()]
     lines.append("")
     lines += [f"- {x}" for x in diag.reasons] or ["- no reason for a miss found"]
     return "\n".join(lines)

@@ -55,7 +55,7 @@ def _run(phase: str, length: int, n: int, salt: str) -> dict:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
-    from ucm.integration.vllm.model_export import ensure_model
+    from ucm.tools.model_export import ensure_model
 
     model = ensure_model()
     llm = LLM(model=model, enforce_eager=True, dtype="bfloat16", kv_cache_memory_bytes=1 << 30,
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         print("UCM-DEMO " + json.dumps(_run(args.child, args.tokens, args.prompts, args.salt)), flush=True)
         os._exit(0)
 
-    from ucm.integration.vllm.model_export import ensure_model
+    from ucm.tools.model_export import ensure_model
 
     ensure_model()
     salt = uuid.uuid4().hex[:12]
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for phase in ("cold", "warm"):
         print(f"== {phase} run: a fresh vLLM process, {args.prompts} prompts of {args.tokens} tokens ...", flush=True)
-        p = subprocess.run([sys.executable, "-m", "ucm.integration.vllm.demo", "--child", phase, "--salt", salt,
+        p = subprocess.run([sys.executable, "-m", "ucm.tools.demo", "--child", phase, "--salt", salt,
                             "--tokens", str(args.tokens), "--prompts", str(args.prompts)],
                            capture_output=True, text=True, env=env)
         line = next((l for l in p.stdout.splitlines() if l.startswith("UCM-DEMO ")), None)
@@ -122,9 +122,9 @@ def main(argv: list[str] | None = None) -> int:
           f"warm run: {sum(warm['hits'])} tokens loaded, {sum(warm['disk_hits'])} of them from the SSD tier "
           "(vLLM's own counters)")
     print("\nwhat the tiers hold now (`ucm stats`):")
-    from ucm.cli import main as cli_main
+    from ucm.tools.stats import main as stats_main
 
-    cli_main(["stats"])
+    stats_main()
     ok = sum(cold["hits"]) == 0 and all(h > 0 for h in warm["hits"])
     return 0 if ok else 1
 

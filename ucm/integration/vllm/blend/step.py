@@ -1,6 +1,6 @@
 """One forward pass with blended requests: which tokens are recomputed, and attention for that subset.
 
-The blend connector's worker sets `ACTIVE` in `start_load_kv` after writing the reused chunks' KV
+The blend worker (blend/worker.py) sets `ACTIVE` in `start_load_kv` after writing the reused chunks' KV
 (keys rotated to their new positions) into vLLM's paged cache for every layer, and clears it in
 `wait_for_save`. The vLLM 0.32 patches (patch_funcs/v0_32/vllm_patch.py) consult it:
 

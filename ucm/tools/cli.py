@@ -1,4 +1,4 @@
-"""`ucm` command line: demo, store-demo, stats, verify, doctor."""
+"""`ucm` command line: demo, store-demo, stats, verify, doctor (each tool is a module of ucm.tools)."""
 
 from __future__ import annotations
 
@@ -49,71 +49,9 @@ def _store_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stats(args: argparse.Namespace) -> int:
-    """Blocks, bytes and capacity per tier (from the index files, so a stopped store works too), then
-    each vLLM process's hit rates, transfer rates and recent errors from the connector's journal."""
-    from ucm.config import load_config
-    from ucm.integration.vllm.journal import read_counters
-    from ucm.tiers.index import SlotIndex
-    from ucm.tiers.store import _default_host_path
-
-    cfg = load_config(args.config)
-    roots = [("host", _default_host_path(cfg) if cfg.host.path == "auto" else cfg.host.path, cfg.host.capacity)]
-    if cfg.ssd:
-        roots.append(("ssd", cfg.ssd.path, cfg.ssd.capacity))
-    journals = []
-    for name, root, capacity in roots:
-        if not os.path.isdir(root):
-            print(f"{name}: {root} (empty: directory does not exist)")
-            continue
-        for sub in sorted(os.listdir(root)):
-            d = os.path.join(root, sub)
-            if not (sub.startswith("p") and os.path.exists(os.path.join(d, "index.log"))):
-                continue
-            page = int(sub[1:])
-            slot = (page + 4095) // 4096 * 4096
-            idx = SlotIndex(d, max(1, capacity // slot))
-            print(f"{name}: {d}: {len(idx.entries)} blocks of {page} B ({len(idx.entries) * slot / 2**20:.1f} MiB "
-                  f"of {capacity / 2**20:.0f} MiB), {len(idx.dirty)} not yet flushed, {len(idx.reserved)} slots "
-                  "being written")
-            idx.close()
-            if name == roots[-1][0]:
-                journals.append(d)
-    for d in journals:
-        for rec in read_counters(d):
-            state = "running" if rec["alive"] else "stopped"
-            if "lookups" in rec:
-                c = rec["lookups"]
-                rate = c["ucm_hit_blocks"] / c["blocks"] if c["blocks"] else 0.0
-                print(f"{rec['role']} pid {rec['pid']} ({state}): {c['requests']} lookups, {c['blocks']} full blocks, "
-                      f"ucm had {c['ucm_hit_blocks']} ({100 * rate:.1f}%), vLLM's prefix cache had "
-                      f"{c['vllm_hit_blocks']}, {c['loaded_tokens']} tokens loaded")
-            if "connector" in rec:
-                c, st = rec["connector"], rec["store"]
-                load_gbs = c["load_bytes"] / c["load_seconds"] / 1e9 if c["load_seconds"] else 0.0
-                save_gbs = c["save_bytes"] / c["save_seconds"] / 1e9 if c["save_seconds"] else 0.0
-                print(f"{rec['role']} pid {rec['pid']} ({state}): loaded {c['loaded_blocks']} blocks "
-                      f"({c['host_hit_blocks']} from host, {c['ssd_hit_blocks']} from SSD, "
-                      f"{c.get('remote_hit_blocks', 0)} from remote, {load_gbs:.2f} GB/s), "
-                      f"{c['load_errors']} load errors; saved {c['saved_blocks']} ({save_gbs:.2f} GB/s), "
-                      f"{c['save_failures']} save failures; flushed to SSD {st['flushed_blocks']}, "
-                      f"{st['flush_failures']} flush failures")
-                if c.get("blend_reused_tokens"):
-                    print(f"  blend: {c['blend_reused_tokens']} tokens reused at new positions (not a prefix), "
-                          f"{c.get('blend_recomputed_tokens', 0)} of them recomputed after the check layer")
-                r = rec.get("remote")
-                if r:
-                    print(f"  remote tier {r['server']} ({'up' if r['up'] else 'DOWN'}): {c.get('remote_hit_blocks', 0)} "
-                          f"blocks loaded from it, {r['written']} pages sent, {r['skipped']} already there, "
-                          f"{r['dropped']} saves dropped, {r['outages']} outages")
-                for e in rec.get("recent_errors", [])[-5:]:
-                    print(f"  recent error: {e['op']}: {e['why']}")
-    return 0
-
-
 def _doctor(args: argparse.Namespace) -> int:
     from ucm.config import load_config
-    from ucm.integration.vllm.doctor import diagnose, report
+    from ucm.tools.doctor import diagnose, report
 
     if args.tokens:
         tokens = [int(t) for t in args.tokens.replace(" ", "").split(",") if t]
@@ -153,17 +91,19 @@ def main(argv: list[str] | None = None) -> int:
     doc.add_argument("--salt", help="the cache_salt your requests use")
     args = ap.parse_args(argv)
     if args.cmd == "demo":
-        from ucm.integration.vllm.demo import main as demo_main
+        from ucm.tools.demo import main as demo_main
 
         return demo_main(["--tokens", str(args.tokens), "--prompts", str(args.prompts)])
     if args.cmd == "store-demo":
         return _store_demo(args)
     if args.cmd == "stats":
-        return _stats(args)
+        from ucm.tools.stats import main as stats_main
+
+        return stats_main(args.config)
     if args.cmd == "doctor":
         return _doctor(args)
     if args.cmd == "verify":
-        from ucm.integration.vllm.verify import main as verify_main
+        from ucm.tools.verify import main as verify_main
 
         return verify_main(args.config)
     return 2

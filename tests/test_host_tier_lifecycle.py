@@ -1,0 +1,165 @@
+"""The host tier (shared memory) goes with its last user on every exit path, and a tier left behind is
+never served: a normal close, an exit that skips atexit, SIGKILL, vLLM in either process mode, SIGTERM
+of an OpenAI-compatible server; a tier whose users all died without cleaning up is dropped by the next
+opener rather than served against an SSD tier that no longer has its blocks."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+from conftest import run_child
+from storekit import PAGE, bid, config, dump_commit, load_check
+from ucm.tiers import TieredStore
+
+
+@pytest.fixture
+def shm_root():
+    d = tempfile.mkdtemp(prefix="ucm-life-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _left(root: str) -> list[str]:
+    """Files and directories of host tiers under root/host (nothing, once every tier is dropped)."""
+    host = os.path.join(root, "host")
+    if not os.path.isdir(host):
+        return []
+    return sorted(os.path.join(dp, x) for dp, dns, fns in os.walk(host) for x in dns + fns)
+
+
+def _wait_gone(root: str, seconds: float = 15.0) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while _left(root) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _left(root)
+
+
+def _hold_tier(root: str, kill_watcher: bool, q) -> None:
+    """Child: store blocks in a host tier (no SSD), report, and wait to be killed."""
+    store = TieredStore(config(root, ssd=None), PAGE)
+    stored = dump_commit(store, [bid(k) for k in range(8)])
+    watcher = store.host._reaper
+    assert watcher is not None
+    if kill_watcher:
+        os.kill(watcher, signal.SIGKILL)
+        while os.path.exists(f"/proc/{watcher}"):  # not our child: reaped by init
+            time.sleep(0.01)
+    q.put((os.getpid(), len(stored)))
+    time.sleep(600)
+
+
+def _run_and_kill(procs, root: str, kill_watcher: bool) -> None:
+    q = procs.Queue()
+    p = procs.Process(target=_hold_tier, args=(root, kill_watcher, q))
+    p.start()
+    pid, stored = q.get(timeout=120)
+    assert stored == 8
+    os.kill(pid, signal.SIGKILL)
+    p.join(30)
+
+
+def test_a_normal_close_drops_the_tier_and_its_directories(shm_root):
+    with TieredStore(config(shm_root, ssd=None), PAGE) as s:
+        dump_commit(s, [bid(1)])
+        assert _left(shm_root)
+    assert _left(shm_root) == []
+
+
+def test_a_killed_process_leaves_nothing(procs, shm_root):
+    _run_and_kill(procs, shm_root, kill_watcher=False)
+    assert _wait_gone(shm_root) == [], "the watcher drops the tier of a process killed with SIGKILL"
+
+
+def test_a_tier_left_by_a_killed_process_is_dropped_by_the_next_opener(procs, shm_root):
+    """The process and its watcher were killed: the tier stays until someone opens it. The next opener
+    finds no users and drops it, so it serves none of those blocks (here the SSD tier it now runs with is
+    empty: serving them would make a cache that cannot be trusted to say what is on the SSD)."""
+    _run_and_kill(procs, shm_root, kill_watcher=True)
+    assert any(p.endswith("pages.bin") for p in _left(shm_root)), "without its watcher the tier stays"
+    with TieredStore(config(shm_root), PAGE) as s:
+        assert s.lookup([bid(k) for k in range(8)]) == [False] * 8
+        assert dump_commit(s, [bid(100)]) == [bid(100)]
+        assert load_check(s, [bid(100)]) == (0, 0)
+
+
+def _second_user(root: str, q) -> None:
+    with TieredStore(config(root, ssd=None), PAGE) as s:
+        q.put(s.lookup([bid(7)]))
+
+
+def test_a_tier_in_use_is_kept_when_another_user_leaves(procs, shm_root):
+    with TieredStore(config(shm_root, ssd=None), PAGE) as s:
+        dump_commit(s, [bid(7)])
+        assert run_child(procs, _second_user, shm_root) == [True]  # it opened, saw the block, closed
+        assert s.lookup([bid(7)]) == [True] and load_check(s, [bid(7)]) == (0, 0)
+
+
+# ---- vLLM ----------------------------------------------------------------------------------------
+@pytest.mark.vllm
+@pytest.mark.parametrize("mp", [False, True], ids=["single-process", "multiprocessing"])
+def test_nothing_of_the_host_tier_is_left_after_vllm_exits(shm_root, mp):
+    """vLLM ends without closing ucm's store (os._exit, as its processes do): the tier still goes."""
+    from vllm_harness import prompt_tokens, run_vllm, ucm_connector
+
+    r = run_vllm([[prompt_tokens(300, 1000)]], connector=ucm_connector(shm_root, module_path=not mp),
+                 multiprocessing=mp, close_store=False)
+    assert r["phases"][0][0]["tokens"]
+    assert _wait_gone(shm_root) == []
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.vllm
+def test_nothing_of_the_host_tier_is_left_after_the_server_gets_sigterm(shm_root):
+    """vLLM's OpenAI-compatible server with the connector, one request, then SIGTERM."""
+    from vllm_harness import model_path, prompt_tokens, ucm_connector
+
+    port = _free_port()
+    extra = ucm_connector(shm_root)["extra"]
+    ktc = {"kv_connector": "UCMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(), "--port", str(port),
+           "--host", "127.0.0.1", "--block-size", "32", "--enforce-eager", "--max-model-len", "2048",
+           "--kv-cache-memory-bytes", str(256 << 20), "--no-enable-prefix-caching",
+           "--kv-transfer-config", json.dumps(ktc)]
+    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0", VLLM_LOGGING_LEVEL="WARNING")
+    log = open(os.path.join(shm_root, "..", os.path.basename(shm_root) + ".log"), "w+")
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            assert server.poll() is None, "the server died at start-up"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(1)
+        body = json.dumps({"model": model_path(), "prompt": prompt_tokens(300, 1000), "max_tokens": 4}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        out = json.loads(urllib.request.urlopen(req, timeout=120).read())
+        assert out["choices"][0]["text"] is not None
+        assert _left(shm_root), "the server holds a host tier"
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+        log.seek(0)
+        tail = log.read()[-4000:]
+        log.close()
+    assert _wait_gone(shm_root) == [], tail

@@ -1,0 +1,55 @@
+"""Blending (CacheBlend) as a component of the connector: a planner on the scheduler side (plan.py),
+a worker part around the forward pass (worker.py), and the forward pass's state that the vLLM patches
+consult (step.py). `BlendComponent` decides once, per engine, whether blending can run at all."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from ucm.config import BlendConfig, UCMConfig
+from ucm.integration.vllm.blend.plan import BlendPlanner
+from ucm.integration.vllm.blend.worker import BlendWorker
+from ucm.integration.vllm.identity import BlockIdentity
+from ucm.kernels.rope import RopeSpec, RopeUnsupported
+from ucm.logger import get_logger
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+
+    from ucm.integration.vllm.connector.worker import WorkerSide
+    from ucm.tiers import TieredStore
+
+log = get_logger("Blend")
+
+
+class BlendComponent:
+    """The blend configuration, the chunk id space and the RoPE of one engine; why blending cannot run."""
+
+    def __init__(self, config: UCMConfig, identity: BlockIdentity, vllm_config: "VllmConfig", scheduler: bool):
+        self.blend = config.blend or BlendConfig()
+        self.chunk_identity = identity.with_extra("blend")  # chunk pages: ids from the root seed, own space
+        self.rope: RopeSpec | None = None
+        self.why_not = ""
+        try:
+            self.rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_config)
+        except (RopeUnsupported, TypeError, AttributeError) as e:
+            self.why_not = f"RoPE cannot be re-rotated ({e})"
+        from ucm.integration.vllm.patch.apply_patch import patch_report
+
+        report = patch_report()
+        for name in ("attention", "decoder_layer"):
+            state = report.get(name, "missing")
+            if state != "APPLIED" and not state.startswith("PENDING"):
+                self.why_not = self.why_not or f"patch {name} is {state}"
+        if self.why_not:
+            log.warning("blending disabled, prefix caching only: %s", self.why_not)
+        b = self.blend
+        log.info("blend connector (%s): separator %s, recompute %.0f%%, check layer %d, chunks >= %d tokens",
+                 "scheduler" if scheduler else "worker", b.separator, 100 * b.recompute_ratio, b.check_layer,
+                 b.min_chunk_tokens)
+
+    def planner(self, store: Callable[[], "TieredStore"]) -> BlendPlanner:
+        return BlendPlanner(self.blend, self.chunk_identity, store, self.why_not)
+
+    def worker(self, worker: "WorkerSide") -> BlendWorker:
+        return BlendWorker(self.blend, self.rope, worker, self.why_not)

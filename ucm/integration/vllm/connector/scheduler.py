@@ -1,0 +1,196 @@
+"""The connector's scheduler side (one per engine): what to load and what to save, per request and step.
+
+* `get_num_new_matched_tokens`: hashes the request's full blocks, looks them up beyond what vLLM's own
+  prefix cache has (every TP rank's shard must be stored), and answers how many tokens ucm can load.
+  Side-effect free, as vLLM requires (it may ask again for the same request): nothing is counted or
+  journaled here.
+* `update_state_after_alloc`: vLLM accepted (some of) those tokens: the load is fixed, counted and
+  written to the journal.
+* `build_connector_meta`: per step, the blocks to load (once) and the blocks that became full and are
+  not stored yet, to save. When a request's computed tokens go back (vLLM recomputes after a load error,
+  or resumes a preempted request), saving resumes from there, so a block whose stored copy failed to
+  load is stored again by the request that recomputed it: the cache heals.
+* A blend planner (BlendConnector) may replace a prefix load by a blend and limits the exact-prefix saves.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from ucm.config import UCMConfig
+from ucm.integration.vllm.connector.metadata import Lookup, RequestMeta, RequestState, UCMConnectorMetadata
+from ucm.integration.vllm.identity import BlockIdentity, request_salt
+from ucm.integration.vllm.connector.store_access import StoreAccess
+from ucm.logger import get_logger
+from ucm.tiers import TieredStore
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = get_logger("Connector")
+
+
+class SchedulerSide:
+    def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, blend=None):
+        """`blend`: a blend.plan.BlendPlanner (BlendConnector), or None."""
+        self.config, self.identity, self.page_size = config, identity, page_size
+        self.block_size = identity.seed.block_size
+        self.blend = blend
+        self._access = StoreAccess(config, page_size, identity.seed, "scheduler")
+        self.reqs: dict[str, RequestState] = {}
+        self.lookups = {"requests": 0, "blocks": 0, "ucm_hit_blocks": 0, "vllm_hit_blocks": 0, "loaded_tokens": 0}
+
+    @property
+    def store(self) -> TieredStore:
+        return self._access.store
+
+    @property
+    def journal(self):
+        return self._access.journal
+
+    # ---- lookup -----------------------------------------------------------------------------------
+    def _state(self, request: "Request") -> RequestState:
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            st = self.reqs[request.request_id] = RequestState(request)
+        return st
+
+    def _ids(self, st: RequestState, n_blocks: int) -> list[bytes]:
+        st.ids = self.identity.extend(st.request, st.ids, n_blocks)
+        return st.ids[:n_blocks]
+
+    def hit_blocks(self, ids: list[bytes]) -> int:
+        """Leading blocks stored for every rank that holds a shard of them."""
+        return min(self.store.lookup_prefix(self.identity.for_rank(ids, r)) for r in self.identity.ranks())
+
+    def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int, bool]:
+        t0 = time.perf_counter()
+        st = self._state(request)
+        bs, n_tokens = self.block_size, request.num_tokens
+        ids = self._ids(st, n_tokens // bs)
+        hits = self.hit_blocks(ids)
+        hit_tokens = min(hits * bs, n_tokens - 1)  # vLLM must compute the last token itself
+        external = max(0, hit_tokens - num_computed_tokens)
+        first = num_computed_tokens // bs
+        st.lookup = Lookup(len(ids), hits, num_computed_tokens // bs,
+                           (first, -(-hit_tokens // bs)) if external else None, hit_tokens // bs - first)
+        st.save_limit = None
+        if self.blend is not None:
+            external, st.save_limit = self.blend.plan(request, num_computed_tokens, external)
+            if not external:
+                st.lookup.load_range = None
+        log.debug("req %s: %d tokens, %d full blocks, %d in ucm, %d computed by vLLM -> load %d tokens "
+                  "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits, num_computed_tokens,
+                  external, 1e3 * (time.perf_counter() - t0))
+        return external, False
+
+    def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
+        st = self.reqs.get(request.request_id)
+        if st is None:
+            return
+        st.block_ids = list(blocks.get_block_ids()[0])
+        lk = st.lookup
+        self._record(request, st, num_external_tokens)
+        if num_external_tokens == 0 or lk.load_range is None:
+            return
+        a, b = lk.load_range
+        st.load = (st.ids[a:b], st.block_ids[a:b])
+        st.load_whole_blocks = lk.whole_blocks
+        where = self.store.where(self.identity.for_rank(st.ids[a:b], 0), remote=False)
+        bs = self.block_size
+        host = min(sum(w == "host" for w in where) * bs, num_external_tokens)
+        ssd = min(sum(w == "ssd" for w in where) * bs, num_external_tokens - host)
+        st.load_sources = {"host": host, "ssd": ssd, "remote": num_external_tokens - host - ssd}
+        st.saved_upto = max(st.saved_upto, b)
+        lk.load_range = None
+
+    def _record(self, request: "Request", st: RequestState, loaded: int) -> None:
+        """Counters and a journal line for a lookup vLLM acted on."""
+        lk, c = st.lookup, self.lookups
+        c["requests"] += 1
+        c["blocks"] += lk.blocks
+        c["ucm_hit_blocks"] += lk.ucm_hits
+        c["vllm_hit_blocks"] += lk.vllm_hits
+        c["loaded_tokens"] += loaded
+        self.journal.lookup({"t": round(time.time(), 3), "req": request.request_id, "tokens": request.num_tokens,
+                             "blocks": lk.blocks, "first": st.ids[0].hex() if st.ids else "",
+                             "seed": self.identity.hasher.root().hex()[:16],
+                             "salted": request_salt(request) is not None, "ucm": lk.ucm_hits, "vllm": lk.vllm_hits,
+                             "load_tokens": loaded})
+        self.journal.counters({"lookups": c})
+
+    def load_sources(self, request_id: str) -> dict[str, int]:
+        """Tokens of the request's external hit per tier: 'host', 'ssd', 'remote'."""
+        st = self.reqs.get(request_id)
+        return dict(st.load_sources) if st is not None else {}
+
+    # ---- steps ------------------------------------------------------------------------------------
+    def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> UCMConnectorMetadata:
+        meta = UCMConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
+        sched = scheduler_output.num_scheduled_tokens
+        steps: list[tuple[str, int]] = []
+        for new in scheduler_output.scheduled_new_reqs:
+            st = self.reqs.get(new.req_id)
+            if st is not None:
+                st.block_ids = list(new.block_ids[0])
+                steps.append((new.req_id, new.num_computed_tokens))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self.reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids and new_ids is not None:
+                st.block_ids = list(new_ids[0])  # a resumed request gets its whole block list again
+            elif new_ids is not None:
+                st.block_ids += new_ids[0]
+            steps.append((req_id, cached.num_computed_tokens[i]))
+        for req_id, computed in steps:
+            st = self.reqs[req_id]
+            after = computed + sched.get(req_id, 0)
+            rm = RequestMeta(req_id)
+            log.debug("step: req %s computes tokens [%d, %d)", req_id, computed, after)
+            if computed < st.computed_upto:  # recomputing (a load error, or resumed): save from there
+                st.saved_upto = min(st.saved_upto, computed // self.block_size)
+            st.computed_upto = after
+            if st.load is not None:
+                rm.load_block_ids, st.load = st.load, None
+                rm.load_whole_blocks = st.load_whole_blocks
+            full = min(after, st.request.num_tokens) // self.block_size
+            full = min(full, len(st.block_ids), len(st.block_ids) if st.save_limit is None else st.save_limit)
+            if full > st.saved_upto:
+                ids = self._ids(st, full)[st.saved_upto:full]
+                present = self.store.lookup(self.identity.for_rank(ids, 0), remote=False)
+                todo = [k for k, p in enumerate(present) if not p]
+                if todo:
+                    rm.dump_block_ids = ([ids[k] for k in todo], [st.block_ids[st.saved_upto + k] for k in todo])
+                    st.dumps_scheduled = True
+                st.saved_upto = full
+            if rm.load_block_ids[0] or rm.dump_block_ids[0]:
+                meta.requests.append(rm)
+            if self.blend is not None:
+                brm = self.blend.step(req_id, computed, after, st.block_ids)
+                if brm is not None:
+                    meta.blend.append(brm)
+                    scheduler_output.has_sync_kv_loads = True  # blending is armed before the forward pass
+        for req_id in meta.preempted:
+            st = self.reqs.get(req_id)
+            if st is not None:
+                st.block_ids = []
+        return meta
+
+    def request_finished(self, request: "Request") -> bool:
+        """True if the request's blocks must wait for saves in flight (the worker reports them done)."""
+        st = self.reqs.pop(request.request_id, None)
+        if self.blend is not None:
+            self.blend.finished(request.request_id)
+        return st is not None and st.dumps_scheduled
+
+    def shutdown(self) -> None:
+        if self._access.opened:
+            self.journal.counters({"lookups": self.lookups}, force=True)
+            self._access.close_journal()
+            self.store.flush(timeout=60)

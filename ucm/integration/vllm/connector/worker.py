@@ -1,0 +1,283 @@
+"""The connector's worker side (one per rank): loads before and during the forward pass, saves after it.
+
+`register_kv_caches` is where the KV cache's device becomes known, so every CPU/GPU choice is made there,
+once: the transfer engine, whether the host tier is registered with CUDA, how saves run (saves.py) and
+whether SSD hits are read layer by layer (a CPU KV cache: reads land in it directly).
+
+Loads: host-tier hits, and every hit when layer-wise loading does not apply, are copied whole before the
+forward pass; SSD hits holding only cached tokens are read layer group by layer group while it runs
+(`wait_for_layer_load`). A block that fails to load is reported to vLLM (`get_block_ids_with_load_errors`),
+which recomputes from there; the request's saves of that step are dropped (its new KV attended to the
+missing blocks), and the scheduler side saves the recomputed blocks again.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import torch
+
+from ucm.config import UCMConfig
+from ucm.integration.vllm.connector.layers import LayerPlan, layer_plan
+from ucm.integration.vllm.connector.metadata import RequestMeta, UCMConnectorMetadata
+from ucm.integration.vllm.connector.saves import Saves
+from ucm.integration.vllm.connector.stats import STAT_KEYS, UCMConnectorStats
+from ucm.integration.vllm.identity import BlockIdentity
+from ucm.integration.vllm.connector.store_access import StoreAccess
+from ucm.kernels.layout import KVLayout
+from ucm.kernels.transfer import HostTransfer
+from ucm.logger import get_logger
+from ucm.tiers import TieredStore
+from ucm.tiers.ranged import DIRECT_ALIGN, RangedLoad
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+log = get_logger("Connector")
+log_load = get_logger("Load")
+log_save = get_logger("Save")
+
+
+class WorkerSide:
+    def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, kv_cache_config: "KVCacheConfig",
+                 rank: int, layerwise: bool = True):
+        """`layerwise`: SSD hits may be read layer by layer (BlendConnector: no, its later layers skip
+        vLLM's per-layer connector calls)."""
+        self.config, self.identity, self.page_size, self.rank = config, identity, page_size, rank
+        self.block_size = identity.seed.block_size
+        self._kv_cache_config = kv_cache_config
+        self._layerwise = layerwise and config.transfer.layerwise_load
+        self._access = StoreAccess(config, page_size, identity.seed, f"worker{rank}")
+        self.stats = UCMConnectorStats()
+        self._totals = {k: 0 for k in STAT_KEYS}  # since start (self.stats: since the last report)
+        self.layout: KVLayout | None = None
+        self.xfer: HostTransfer | None = None
+        self.saves: Saves | None = None
+        self.request_metas: dict[str, RequestMeta] = {}  # last step's metadata of each request (debugging)
+        self._load_errors: set[int] = set()  # vLLM block ids, until vLLM asks
+        self._step_loads: dict[str, set[int]] = {}  # this step: request -> vLLM blocks it loads
+        self._step_failed: set[int] = set()  # this step's failed vLLM blocks
+        self._layer_plan: LayerPlan | None = None
+        self._layered: tuple[RangedLoad, list[int], float] | None = None  # this step's layer-wise load
+        self._layers_waited: set[int] = set()
+        self._layer_pool = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="ucm-layers")
+
+    @property
+    def store(self) -> TieredStore:
+        return self._access.store
+
+    @property
+    def journal(self):
+        return self._access.journal
+
+    def set_rank(self, rank: int) -> None:
+        """The TP rank this worker serves (set before the first save or load)."""
+        self.rank = rank
+        self._access.role = f"worker{rank}"
+
+    # ---- registration: the CPU/GPU decisions ------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        kcc = self._kv_cache_config
+        stride = kcc.kv_cache_tensors[0].block_stride if kcc.kv_cache_tensors else None
+        self.layout = KVLayout.from_tensors(kv_caches, kcc.num_blocks, block_stride_bytes=stride)
+        if self.layout.page_size != self.page_size:
+            raise ValueError(f"ucm: registered KV tensors give {self.layout.page_size} B per block, the KV cache "
+                             f"config {self.page_size} B ({self.layout.describe()})")
+        gpu = self.layout.device.type == "cuda"
+        tc = self.config.transfer
+        self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
+        self.saves = Saves(gpu)
+        host = self.store.host
+        if gpu:
+            if not host.slots.on_tmpfs:
+                log.warning("host tier %s is not on tmpfs, which CUDA cannot pin; put host.path on tmpfs (e.g. "
+                            "/dev/shm) for direct GPU transfers (staged copies are used instead)", host.dir)
+            elif self.xfer.register_host(host.slots.tensor):
+                host.on_close(self.xfer.unregister_host)
+            else:
+                log.warning("cudaHostRegister of the host tier failed; GPU copies will be slower")
+        use_layers = self._layerwise and not gpu and self.store.ssd is not None
+        self._layer_plan = layer_plan(self.layout, tc) if use_layers else None
+        how = "whole, before the forward pass"
+        if self._layer_plan:
+            aligned = all(s.addr % DIRECT_ALIGN == 0 and s.block_stride % DIRECT_ALIGN == 0 for s in self.layout.segments)
+            how = (f"layer by layer in {len(self._layer_plan.groups)} groups, "
+                   f"{'straight into the KV cache' if aligned else 'through a bounce buffer (KV cache not 4 KiB aligned)'}")
+        log.info("worker rank %d: %s; store %s; SSD hits load %s", self.rank, self.layout.describe(),
+                 self.store.storage_path, how)
+
+    # ---- loads ------------------------------------------------------------------------------------
+    def start_load_kv(self, meta: UCMConnectorMetadata) -> None:
+        """Load this step's hits (see the module docstring)."""
+        self.request_metas.update((rm.req_id, rm) for rm in meta.requests)
+        self._step_loads, self._step_failed = {}, set()
+        ids: list[bytes] = []
+        vids: list[int] = []
+        whole: list[bool] = []
+        for rm in meta.requests:
+            n = len(rm.load_block_ids[0])
+            if n:
+                self._step_loads[rm.req_id] = set(rm.load_block_ids[1])
+            ids += rm.load_block_ids[0]
+            vids += rm.load_block_ids[1]
+            whole += [k < rm.load_whole_blocks for k in range(n)]
+        if not ids:
+            return
+        t0 = time.perf_counter()
+        store_ids = self.identity.for_rank(ids, self.rank)
+        layered: list[int] = []
+        if self._layer_plan is not None:
+            where = self.store.where(store_ids, remote=False)
+            layered = [k for k, w in enumerate(where) if w == "ssd" and whole[k]]
+        if layered:
+            plan = self._layer_plan
+            lids, lvids = [store_ids[k] for k in layered], [vids[k] for k in layered]
+            try:
+                load = self.store.load_layers(lids, plan.groups, lambda i, r: plan.address(lvids[i], r),
+                                              self._layer_pool)
+                self._layered = (load, lvids, t0)
+            except Exception as e:  # noqa: BLE001 - fall back to whole loads, never fail the step
+                log_load.error("layer-wise load could not start (%s: %s); loading whole", type(e).__name__, e)
+                layered = []
+        if layered:
+            skip = set(layered)
+            rest = [k for k in range(len(ids)) if k not in skip]
+            store_ids, vids = [store_ids[k] for k in rest], [vids[k] for k in rest]
+        if store_ids:
+            self._load_whole(store_ids, vids, t0)
+
+    def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
+        st = self.store.stats
+        before = (st.host_hits, st.ssd_hits, st.remote_hits)
+        task = self.store.prepare_load(store_ids)
+        self.xfer.restore(task, vids)
+        failed = self.store.wait(task)
+        self._count_load(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, time.perf_counter() - t0)
+        self.stats.add(host_hit_blocks=st.host_hits - before[0], ssd_hit_blocks=st.ssd_hits - before[1],
+                       remote_hit_blocks=st.remote_hits - before[2])
+        log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms", len(store_ids) - failed,
+                       (len(store_ids) - failed) * self.page_size >> 20, 1e3 * (time.perf_counter() - t0))
+
+    def _count_load(self, n: int, errors: dict[int, str], seconds: float) -> None:
+        """Stats and load errors of n blocks; errors: vLLM block id -> why."""
+        if errors:
+            self._load_errors |= set(errors)
+            self._step_failed |= set(errors)
+            first = min(errors)
+            log_load.warning("%d of %d blocks failed to load (vLLM recomputes them); first: vLLM block %d: %s",
+                             len(errors), n, first, errors[first])
+        ok = n - len(errors)
+        self.stats.add(loaded_blocks=ok, load_errors=len(errors), hit_tokens=ok * self.block_size,
+                       load_bytes=ok * self.page_size, load_seconds=seconds)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        if self._layered is None:
+            return
+        load = self._layered[0]
+        g = self._layer_plan.group_of.get(layer_name)
+        for gg in range(len(load.groups)) if g is None else (g,):  # an unknown layer waits for everything
+            load.wait_group(gg)
+            self._layers_waited.add(gg)
+
+    def finish_layered(self) -> None:
+        """Wait for the layer-wise reads and verify them; failed blocks become load errors."""
+        if self._layered is None:
+            return
+        load, lvids, t0 = self._layered
+        self._layered = None
+        errors = load.finish()
+        unwaited = set(range(len(load.groups))) - self._layers_waited
+        self._layers_waited = set()
+        if unwaited:  # the forward pass read layers without waiting for them: its output is not to be used
+            log_load.warning("vLLM did not call wait_for_layer_load for %d of %d layer groups; the step's %d "
+                             "loaded blocks are reported failed (recomputed) and loads are whole from now on",
+                             len(unwaited), len(load.groups), len(lvids))
+            errors = {i: "layer not awaited by the forward pass" for i in range(len(lvids))}
+            self._layer_plan = None
+        self._count_load(len(lvids), {lvids[i]: why for i, why in errors.items()}, time.perf_counter() - t0)
+        self.stats.add(ssd_hit_blocks=len(lvids) - len(errors))
+        log_load.debug("read %d blocks (%d MiB) from SSD layer by layer, finished %.1f ms after the step began",
+                       len(lvids) - len(errors), (len(lvids) - len(errors)) * self.page_size >> 20,
+                       1e3 * (time.perf_counter() - t0))
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        self.finish_layered()
+        bad, self._load_errors = self._load_errors, set()
+        return bad
+
+    # ---- saves ------------------------------------------------------------------------------------
+    def wait_for_save(self, meta: UCMConnectorMetadata) -> None:
+        """Hand this step's newly full blocks to the saver (saves.py). A request whose loads failed in
+        this step saves nothing of it: its new KV attended to blocks that were not there."""
+        self.finish_layered()
+        event = self.saves.step_event() if self.saves is not None else None
+        for rm in meta.requests:
+            ids, vids = rm.dump_block_ids
+            if not ids:
+                continue
+            if self._step_failed & self._step_loads.get(rm.req_id, set()):
+                log_save.info("req %s: %d blocks not saved: the step's loads failed and vLLM recomputes it",
+                              rm.req_id, len(ids))
+                self.stats.add(saves_dropped=len(ids))
+                continue
+            self.saves.submit(rm.req_id, lambda stream, r=rm.req_id, i=ids, v=vids: self._save(r, i, v), event)
+
+    def _save(self, req_id: str, ids: list[bytes], vids: list[int]) -> None:
+        """Copy one request's new blocks into the host tier and commit them; never raises."""
+        try:
+            t0 = time.perf_counter()
+            store_ids = self.identity.for_rank(ids, self.rank) if self.identity.saves_on(self.rank) else []
+            if not store_ids:
+                return
+            task = self.store.prepare_dump(store_ids)
+            self.xfer.save(task, vids)
+            self.store.commit(store_ids, [i not in task.errors for i in range(len(store_ids))])
+            ok = len(store_ids) - len(task.errors)
+            self.stats.add(saved_blocks=ok, save_failures=len(task.errors), save_bytes=ok * self.page_size,
+                           save_seconds=time.perf_counter() - t0)
+            log_save.debug("req %s: saved %d blocks in %.1f ms", req_id, ok, 1e3 * (time.perf_counter() - t0))
+        except Exception as e:  # noqa: BLE001 - a failed save is a future miss, never a crash
+            log_save.error("req %s: save of %d blocks failed: %s: %s", req_id, len(ids), type(e).__name__, e)
+            self.stats.add(save_failures=len(ids))
+
+    def handle_preemptions(self, meta: UCMConnectorMetadata) -> None:
+        if meta.preempted and self.saves is not None:
+            self.saves.fence(meta.preempted)
+
+    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+        for r in finished_req_ids:
+            self.request_metas.pop(r, None)  # every finished request, with or without saves
+        return self.saves.finished(finished_req_ids) if self.saves is not None else set()
+
+    # ---- stats and shutdown -----------------------------------------------------------------------
+    def take_stats(self) -> UCMConnectorStats | None:
+        if self.stats.is_empty():
+            return None
+        out, self.stats = self.stats, UCMConnectorStats()
+        for k, v in out.data.items():
+            self._totals[k] = self._totals.get(k, 0) + v
+        self._write_counters()
+        return out
+
+    def _write_counters(self, force: bool = False) -> None:
+        st = self.store.stats
+        store = {k: v for k, v in vars(st).items() if k != "recent_errors"}
+        errors = [{"time": t, "op": op, "why": why} for t, op, why in list(st.recent_errors)]
+        rec = {"connector": self._totals, "store": store, "recent_errors": errors}
+        if self.store.remote is not None:
+            rec["remote"] = {**vars(self.store.remote.stats), "up": self.store.remote.up,
+                             "server": self.store.remote.where}
+        self.journal.counters(rec, force)
+
+    def shutdown(self) -> None:
+        if self.saves is not None:
+            self.saves.close()
+        if self._access.opened:
+            self.store.flush(timeout=60)
+            for k, v in self.stats.data.items():
+                self._totals[k] = self._totals.get(k, 0) + v
+            self.stats.reset()
+            self._write_counters(force=True)
+            self._access.close_journal()

@@ -1,0 +1,159 @@
+"""Flushing: committed host-tier pages written to the SSD tier on I/O threads.
+
+A committed block is *unflushed* until its page is on the SSD (or the write failed). While unflushed it
+is dirty in the host tier's index, so no process evicts it before it reached the disk. `write_through`
+queues every commit; `write_back` queues the oldest unflushed blocks when the host tier is 80% full.
+Batches that queued up meanwhile are coalesced: one SSD reservation and one publish for all of them.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from ucm.logger import get_logger
+from ucm.tiers.slab import SlabTier, page_checksum
+
+log = get_logger("Save")
+
+
+def background_priority() -> None:
+    """Keep this thread off the model's cores: nice +10, and, when the main thread is bound to some of
+    the allowed cores (vLLM's CPU backend binds its OpenMP threads), run on the others. On a small
+    CPU machine the cache's copies, checksums and writes must not steal the forward pass's core."""
+    import os
+
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+        mine, main = os.sched_getaffinity(0), os.sched_getaffinity(os.getpid())
+        spare = mine - main
+        if spare:
+            os.sched_setaffinity(0, spare)
+    except (OSError, AttributeError):
+        pass
+
+
+class Flusher:
+    """Writes host pages to the SSD tier in the background; thread-safe."""
+
+    def __init__(self, host: SlabTier, ssd: SlabTier, io: ThreadPoolExecutor, stats, write_back: bool):
+        self.host, self.ssd, self._io, self.stats = host, ssd, io, stats
+        self.write_back = write_back
+        self._lock = threading.Lock()
+        self._unflushed: dict[bytes, None] = {}  # committed in host memory, not yet on SSD (oldest first)
+        self._q: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._loop, name="ucm-flush", daemon=True)
+        self._thread.start()
+
+    # ---- producers ------------------------------------------------------------------------------
+    def committed(self, ids: list[bytes], now: bool = False) -> None:
+        """Blocks just published dirty in the host tier: queued now (write_through, or `now`) or later."""
+        if not ids:
+            return
+        with self._lock:
+            for bid in ids:
+                self._unflushed[bid] = None
+        if now or not self.write_back:
+            self._q.put(list(ids))
+
+    def maybe_write_back(self, host_used: int) -> None:
+        """write_back: queue the oldest quarter of the host tier once `host_used` slots reach 80%."""
+        if self.write_back and host_used >= 0.8 * self.host.num_slots and self._unflushed:
+            with self._lock:
+                batch = list(self._unflushed)[: max(1, self.host.num_slots // 4)]
+            self._q.put(batch)
+
+    def drain(self, timeout: float | None = None) -> None:
+        """Block until every queued block has been written (or failed); write_back queues them all."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self.write_back and self._unflushed:
+            with self._lock:
+                self._q.put(list(self._unflushed))
+        while self._q.unfinished_tasks:
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError("flush to SSD did not finish in time")
+            time.sleep(0.002)
+
+    def close(self) -> None:
+        self.drain()
+        self._q.put(None)
+        self._thread.join()
+
+    # ---- the flushing thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        background_priority()
+        while True:
+            batches = [self._q.get()]
+            while batches[-1] is not None:  # coalesce what queued up: one reservation, one publish
+                try:
+                    batches.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                ids = list(dict.fromkeys(b for batch in batches if batch for b in batch))
+                if ids:
+                    self._flush(ids)
+            except Exception as e:  # noqa: BLE001 - the flusher must survive anything
+                log.error("flush to SSD failed: %s: %s", type(e).__name__, e)
+            finally:
+                for _ in batches:
+                    self._q.task_done()
+            if batches[-1] is None:
+                return
+
+    def _done(self, ids: list[bytes]) -> None:
+        with self._lock:
+            for b in ids:
+                self._unflushed.pop(b, None)
+        self.host.mark_clean(ids)
+
+    def _flush(self, ids: list[bytes]) -> None:
+        ssd = self.ssd
+        ssd.refresh()
+        todo = [b for b in ids if b not in ssd]
+        self._done([b for b in ids if b in ssd])
+        if not todo:
+            return
+        try:
+            slots = ssd.reserve(len(todo))
+        except OSError as e:
+            self._failed(todo, f"cannot reserve SSD space: {e.strerror or e}")
+            return
+        if len(slots) < len(todo):
+            self._failed(todo[len(slots):], "SSD tier full of pages in use")
+        results = list(self._io.map(self._write_one, todo[:len(slots)], slots))
+        done = [(b, s, cs) for b, s, cs in zip(todo, slots, results) if isinstance(cs, int)]
+        failed = [(b, s, why) for b, s, why in zip(todo, slots, results) if isinstance(why, str)]
+        if done:
+            ssd.publish(done)
+        ssd.release([s for _, s, _ in failed])
+        self._done([b for b, _, _ in done])
+        self.stats.flushed_blocks += len(done)
+        if failed:
+            self._failed([b for b, _, _ in failed], failed[0][2])
+
+    def _failed(self, ids: list[bytes], why: str) -> None:
+        self._done(ids)  # stays in host memory, becomes evictable; never half-visible on SSD
+        self.stats.flush_failures += len(ids)
+        self.stats.recent_errors.append((time.time(), "flush", why))
+        log.warning("%d blocks not written to SSD (%s): %s", len(ids), self.ssd.dir, why)
+
+    def _write_one(self, bid: bytes, sslot: int):
+        """Copy one host page to an SSD slot; its checksum, or a string saying why not."""
+        pinned = self.host.pin(bid)
+        if pinned is None:
+            return "evicted from host memory before the flush"
+        hslot, _, version = pinned
+        try:
+            view = memoryview(self.host.slots.page(hslot).numpy())
+            self.ssd.slots.write(sslot, view)
+            checksum = page_checksum(view[:self.ssd.page_size])
+            if not self.host.still_valid(hslot, version):
+                return "host page reused during the flush"
+            return checksum
+        except OSError as e:
+            return f"{e.strerror or e}"
+        finally:
+            self.host.unpin(hslot)
