@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.ucm-installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test gpu-test bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	scripts/ensure-redis.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+gpu-test:  # on the GPU machine, after sourcing .gpu-stage/device-setup.sh (tests/gpu/README.md)
+	scripts/gpu-test.sh
 
 bench: $(STAMP)
 	$(BIN)/python bench/store.py

@@ -135,17 +135,14 @@ def test_without_patches_it_is_a_prefix_cache(tmp_path):
     assert r["phase_metrics"][1].get(EXT, 0) == (len(RAG[0]) // BLOCK) * BLOCK
 
 
-@pytest.mark.parametrize("how", ["decode", "chunked-prefill-prefix-caching"])
-def test_a_preempted_blended_request_resumes_with_the_same_kv(tmp_path, how):
+def test_a_preempted_blended_request_resumes_with_the_same_kv(tmp_path):
     """A KV cache of 38 blocks for four blended prompts of 15-21 blocks that grow while they decode: vLLM
     preempts the second and resumes it. A resumed request computes its tokens again, in new blocks, and
     must be blended exactly as the first time: the same chunk loads, into its new slots, and not the
     document it computed and stored itself the first time (cached nowhere else, so the request alone
     computes it), so its KV and its output equal those of the same request run alone without
     preemption. recompute_ratio 0 makes the selection independent of the batch; float32 keeps the
-    noise floor at ~1e-5. `chunked-prefill-prefix-caching`: prefills of 128 tokens a step, so requests
-    are preempted between the steps of their prefill, and vLLM's prefix cache gives a resumed request
-    its own first blocks back (the rest of its plan must land in its new blocks)."""
+    noise floor at ~1e-5."""
     new_doc = _text(200, 1800)
     rag = [RAG[0], PRE_A + [SEP] + DOCS[1] + [SEP] + new_doc + [SEP] + QUESTION,
            PRE_B + [SEP] + DOCS[1] + [SEP] + DOCS[0] + [SEP] + QUESTION,
@@ -153,8 +150,6 @@ def test_a_preempted_blended_request_resumes_with_the_same_kv(tmp_path, how):
     docs = [[d + [SEP]] for d in DOCS]
     page = 30 * 2 * BLOCK * 3 * 64 * 4  # SmolLM2, float32: bytes per block
     common = dict(max_tokens=96, dtype="float32", max_model_len=1024)
-    if how != "decode":
-        common.update(max_num_batched_tokens=128, prefix_caching=True)
     alone = run_vllm(docs + [[p] for p in rag], connector=blend(str(tmp_path / "alone"), recompute_ratio=0.0),
                      **common)
     assert all(m.get("vllm:num_preemptions", 0) == 0 for m in alone["phase_metrics"])

@@ -96,8 +96,8 @@ def test_unsupported_vllm_version_warns_once_and_never_crashes(monkeypatch):
     finally:
         logging.getLogger("UCM.Patch").removeHandler(handler)
     warnings = [r.getMessage() for r in records if "has no ucm patch set" in r.getMessage()]
-    assert warnings == ["vLLM 0.9.2 has no ucm patch set (supported: 0.32); vLLM runs unpatched"]
-    assert ap.patch_report() == {"vllm": "UNSUPPORTED vLLM 0.9.2 (supported: 0.32)"}
+    assert warnings == ["vLLM 0.9.2 has no ucm patch set (supported: 0.26, 0.32, 0.33); vLLM runs unpatched"]
+    assert ap.patch_report() == {"vllm": "UNSUPPORTED vLLM 0.9.2 (supported: 0.26, 0.32, 0.33)"}
 
 
 def test_aligned_zeros_are_4k_aligned_and_zero():

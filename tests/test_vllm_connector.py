@@ -196,24 +196,23 @@ def test_a_corrupted_store_heals_in_the_request_that_found_the_damage(ref, store
     assert_identical(third["phases"][0], ref["phases"][1])
 
 
-def test_blocks_computed_over_a_failed_load_are_not_stored_as_they_are(stored_a, tmp_path):
+def test_blocks_computed_over_a_failed_load_are_not_stored_as_they_are(tmp_path):
     """C extends A: A's 9 stored blocks load and C's 3 new full blocks are computed in the same step.
     Every stored page is damaged, so those 3 blocks were computed over KV that was not there: they must
     not be stored from that step (vLLM recomputes the request, and they are stored from the recompute).
     A third process then loads all 12 blocks with outputs identical to vLLM's own reuse of them."""
-    root, mp, _ = stored_a
-    if mp:
-        pytest.skip("corruption is checked in single-process mode")
     c_blocks = len(C) // BLOCK
     ref = run_vllm([[C], [C]], prefix_caching=True)
     assert ref["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == c_blocks * BLOCK
     work = str(tmp_path)
-    tier, slots = _damaged_copy(root, work)
+    run_vllm([[A]], connector=ucm_connector(work))  # a store of A's 9 blocks alone
+    tier, slots = _slots_in_put_order(os.path.join(work, "ssd"))
+    assert len(slots) == A_BLOCKS
     page = int(os.path.basename(tier)[1:])
     for slot in slots:
         path, off = _slot_place(tier, slot)
         perturb(path, off, page, seed=slot)
-    r = run_vllm([[C]], connector=ucm_connector(work))
+    r = run_vllm([[C]], connector=warm_connector(work, "damaged", False))
     assert "failed to load" in r["log"] and "not saved: the step's loads failed" in r["log"], r["log"][-3000:]
     assert_identical(r["phases"][0], ref["phases"][0])
     third = run_vllm([[C]], connector=warm_connector(work, "third", False))

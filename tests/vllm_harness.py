@@ -52,8 +52,11 @@ def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", 
 
 def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=False, dtype="bfloat16",
              max_tokens=8, max_num_batched_tokens=None, kv_cache_bytes=256 << 20, max_model_len=4096, env=None,
-             timeout=600, hooks=None, logprobs=1, close_store=True) -> dict:
-    spec = {"close_store": close_store, "model": model_path(), "connector": connector, "prefix_caching": prefix_caching, "dtype": dtype,
+             timeout=600, hooks=None, logprobs=1, close_store=True, model=None, engine=None, fault=None) -> dict:
+    """One fresh vLLM process running `phases`. `model`: a model directory (default: the exported
+    SmolLM2); `engine`: more LLM(...) arguments (e.g. load_format); `fault`: a fault the runner injects
+    (vllm_runner.py)."""
+    spec = {"close_store": close_store, "model": model or model_path(), "engine": engine or {}, "fault": fault, "connector": connector, "prefix_caching": prefix_caching, "dtype": dtype,
             "block_size": BLOCK, "max_tokens": max_tokens, "max_num_batched_tokens": max_num_batched_tokens,
             "kv_cache_bytes": kv_cache_bytes, "max_model_len": max_model_len, "phases": phases,
             "hooks": {str(k): v for k, v in (hooks or {}).items()}, "logprobs": logprobs}

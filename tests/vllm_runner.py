@@ -9,6 +9,9 @@ SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?
                                          "chunks"?: [[start, end], ...] (BlendConnector boundaries)}
        "hooks"?: {phase index: {"before": shell command, "during": [seconds, shell command]}},
        "close_store"?: false (exit without closing the store, as an exit that skips atexit does),
+       "engine"?: {more LLM(...) keyword arguments}, "fault"?: "wrong_slot" (the first whole load of two
+                  or more blocks copies its first page into the second block's slot too: a block loaded
+                  into the wrong slot, for negative controls),
        "hold"?: true (after the result line, print UCM-HOLDING and wait for a signal)}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens", "first_top"}, ...], ...], "seconds": [per phase],
@@ -33,6 +36,25 @@ def _metric_values(llm) -> dict:
     return out
 
 
+def _load_into_wrong_slot() -> None:
+    """Negative control: the first copy from host pages into the KV cache with two or more blocks also
+    writes its first page into its second block (whose own page is lost). Single-process mode only (the
+    worker runs in this process). Swapping two whole blocks would not do: attention sums over a
+    request's blocks whatever their order, and each key carries its position."""
+    from ucm.kernels.transfer import HostTransfer
+
+    original, done = HostTransfer.from_host, []
+
+    def from_host(self, block_ids, pages, slots):
+        slots = list(slots)
+        if not done and len(slots) >= 2:
+            done.append(True)
+            slots[1] = slots[0]
+        return original(self, block_ids, pages, slots)
+
+    HostTransfer.from_host = from_host
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     from vllm import LLM, SamplingParams
@@ -46,6 +68,9 @@ def main() -> None:
     if spec.get("max_num_batched_tokens"):
         kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
         kw["enable_chunked_prefill"] = True
+    kw.update(spec.get("engine") or {})
+    if spec.get("fault") == "wrong_slot":
+        _load_into_wrong_slot()
     c = spec.get("connector")
     if c:
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector=c["kv_connector"], kv_role="kv_both",

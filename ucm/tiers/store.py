@@ -261,25 +261,17 @@ class TieredStore:
 
     def where(self, ids: Sequence[bytes], remote: bool = True) -> list[str]:
         """Per id: 'host', 'ssd', 'remote' or 'none' (`remote=False`: local tiers only): the fastest
-        tier holding it (`tiers` names all of them)."""
-        out = [t[0] if t else "none" for t in self.tiers(ids, remote=False)]
+        tier holding it."""
+        self.host.refresh()
+        if self.ssd is not None:
+            self.ssd.refresh()
+        host, ssd = self.host.index.entries, (self.ssd.index.entries if self.ssd is not None else {})
+        out = ["host" if b in host else "ssd" if b in ssd else "none" for b in ids]
         if remote and self.remote is not None and "none" in out:
             missing = [k for k, w in enumerate(out) if w == "none"]
             for k, there in zip(missing, self.remote.exists([ids[k] for k in missing])):
                 if there:
                     out[k] = "remote"
-        return out
-
-    def tiers(self, ids: Sequence[bytes], remote: bool = True) -> list[tuple[str, ...]]:
-        """Per id: every tier that holds it, fastest first (e.g. ('host', 'ssd'))."""
-        self.host.refresh()
-        if self.ssd is not None:
-            self.ssd.refresh()
-        out = [tuple(t.name for t in (self.host, self.ssd) if t is not None and b in t) for b in ids]
-        if remote and self.remote is not None and ids:
-            for k, there in enumerate(self.remote.exists(list(ids))):
-                if there:
-                    out[k] = out[k] + ("remote",)
         return out
 
     def _writable(self) -> None:

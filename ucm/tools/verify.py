@@ -83,15 +83,21 @@ def _connector_check() -> Check:
         return Check("UCMDirectConnector", "ERROR", "fail", f"{type(e).__name__}: {e}")
 
 
-def _version_check() -> Check:
-    from ucm.integration.vllm.patch.apply_patch import patches_for, supported_versions, vllm_version
+def _version_checks() -> list[Check]:
+    """The vLLM version, supported or not, and a warning per feature it lacks (versions.py)."""
+    from ucm.integration.vllm import versions
+    from ucm.integration.vllm.patch.apply_patch import patches_for, vllm_version
 
     v = vllm_version()
     if v is None:
-        return Check("vLLM version", "NOT INSTALLED", "fail")
-    if patches_for(v) is None:
-        return Check("vLLM version", v, "fail", f"unsupported; supported: {', '.join(supported_versions())}")
-    return Check("vLLM version", v, "ok", "supported")
+        return [Check("vLLM version", "NOT INSTALLED", "fail")]
+    f = versions.features(v)
+    if f is None or patches_for(v) is None:
+        return [Check("vLLM version", v, "fail", f"unsupported; supported: {', '.join(versions.SUPPORTED)} "
+                      f"({versions.RANGE})")]
+    out = [Check("vLLM version", v, "ok", f"supported ({f.tested})")]
+    out += [Check("vLLM feature", "MISSING", "warn", why) for why in versions.missing(v)]
+    return out
 
 
 def _config_checks(config_path: str | None) -> list[Check]:
@@ -156,7 +162,7 @@ def _hash_check() -> Check:
 
 def verify(config_path: str | None = None) -> tuple[list[Check], int]:
     """All checks, and the exit code (1 if any failed)."""
-    checks = _patch_checks() + [_version_check()] + _config_checks(config_path) + [_hash_check()]
+    checks = _patch_checks() + _version_checks() + _config_checks(config_path) + [_hash_check()]
     return checks, int(any(c.level == "fail" for c in checks))
 
 

@@ -20,13 +20,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from ucm.integration.vllm.connector.config import CONFIG_FILE_KEY, connector_config
 from ucm.integration.vllm.connector.metadata import RequestMeta, RequestState, UCMConnectorMetadata
 from ucm.integration.vllm.connector.scheduler import SchedulerSide
 from ucm.integration.vllm.connector.stats import UCMConnectorStats
 from ucm.integration.vllm.connector.worker import WorkerSide
+from ucm.integration.vllm import versions
 from ucm.integration.vllm.identity import BlockIdentity, page_size_of
 from ucm.logger import get_logger
 from ucm.tiers import TieredStore
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 __all__ = ["CONFIG_FILE_KEY", "RequestMeta", "RequestState", "UCMConnector", "UCMConnectorMetadata",
            "UCMConnectorStats", "UCMDirectConnector"]
 log = get_logger("Connector")
-_HIT_SOURCES = {"host": CacheHitSource.HOST, "ssd": CacheHitSource.DISK, "remote": CacheHitSource.EXTERNAL_UNSPECIFIED}
+_HIT_SOURCES = versions.hit_sources()  # None where vLLM has no per-tier hit sources (versions.py)
 
 
 def _tp_rank() -> int:
@@ -55,7 +55,6 @@ def _tp_rank() -> int:
 
 
 class UCMDirectConnector(KVConnectorBase_V1):
-    _cache_hit_source = CacheHitSource.HOST
     _with_blend = False  # BlendConnector: a blend component on each side
 
     def __init__(self, vllm_config: "VllmConfig", role: KVConnectorRole, kv_cache_config: "KVCacheConfig"):
@@ -99,10 +98,17 @@ class UCMDirectConnector(KVConnectorBase_V1):
         self.scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
 
     def get_external_cache_hit_sources(self, request: "Request", num_external_tokens: int) -> dict:
+        """vLLM 0.32+: the external hit's tokens per tier (host, disk; remote as unspecified)."""
         sources = self.scheduler.load_sources(request.request_id) if num_external_tokens else {}
         if not sources:
-            return super().get_external_cache_hit_sources(request, num_external_tokens)
+            return {_HIT_SOURCES["host"]: num_external_tokens} if num_external_tokens else {}
         return {_HIT_SOURCES[k]: v for k, v in sources.items() if v}
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config) -> bool:
+        """vLLM 0.33: no. The worker holds the KV cache's addresses and the host tier's CUDA registration;
+        a remap under sleep mode would leave them stale."""
+        return False
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         return self.scheduler.build_connector_meta(scheduler_output)
