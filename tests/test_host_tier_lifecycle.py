@@ -68,8 +68,11 @@ def _run_and_kill(procs, root: str, kill_watcher: bool) -> None:
 
 
 def test_a_normal_close_drops_the_tier_and_its_directories(shm_root):
+    """A host-only store: the connector's journal lives in the tier's directory and goes with it."""
     with TieredStore(config(shm_root, ssd=None), PAGE) as s:
         dump_commit(s, [bid(1)])
+        os.makedirs(os.path.join(s.storage_path, "journal"))
+        open(os.path.join(s.storage_path, "journal", "scheduler-1.json"), "w").write("{}")
         assert _left(shm_root)
     assert _left(shm_root) == []
 
@@ -135,7 +138,7 @@ def test_nothing_of_the_host_tier_is_left_after_the_server_gets_sigterm(shm_root
            "--kv-cache-memory-bytes", str(256 << 20), "--no-enable-prefix-caching",
            "--kv-transfer-config", json.dumps(ktc)]
     env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0", VLLM_LOGGING_LEVEL="WARNING")
-    log = open(os.path.join(shm_root, "..", os.path.basename(shm_root) + ".log"), "w+")
+    log = tempfile.TemporaryFile("w+")  # the server's output, for the failure message
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         deadline = time.monotonic() + 300

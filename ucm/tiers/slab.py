@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import shutil
 import mmap
 import os
 import threading
@@ -267,6 +268,8 @@ def drop_if_unused(directory: str, owned_parents: int = 0, wait_s: float = 0.0) 
         for f in TIER_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, f))
+        # a host-only store keeps the connector's journal here: it describes a cache that is gone now
+        shutil.rmtree(os.path.join(directory, "journal"), ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)  # a joiner holding the old inode notices and retries
         d = directory
@@ -293,7 +296,7 @@ def _reaper_source() -> str:
         import inspect
 
         _REAPER_SOURCE.append("\n".join([
-            "import contextlib, fcntl, os, sys", f"TIER_FILES = {TIER_FILES!r}", f"USERS_LOCK = {USERS_LOCK!r}",
+            "import contextlib, fcntl, os, shutil, sys", f"TIER_FILES = {TIER_FILES!r}", f"USERS_LOCK = {USERS_LOCK!r}",
             inspect.getsource(drop_if_unused),
             "pid = os.fork()",
             "if pid:",
