@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 
 import numpy as np
 import torch
@@ -160,6 +161,22 @@ def perturb(path: str, offset: int, size: int, seed: int = 0) -> None:
             data[k] = (data[k] + 1) % 256
         f.seek(offset)
         f.write(data)
+
+
+def slots_in_put_order(ssd_root):
+    """Slots of the SSD tier's committed blocks, in the order they were published."""
+    sub = next(d for d in os.listdir(ssd_root) if d.startswith("p"))
+    data = open(os.path.join(ssd_root, sub, "index.log"), "rb").read()
+    slots = [struct.unpack_from("<BBHI", data, k)[3] for k in range(0, len(data), 64) if data[k] == 2]
+    return os.path.join(ssd_root, sub), slots
+
+
+def slot_place(tier_dir, slot):
+    """(slab file, byte offset) of a slot of an SSD tier directory p<page> (default 1 GiB slabs)."""
+    page = int(os.path.basename(tier_dir)[1:])
+    slot_size = (page + 4095) // 4096 * 4096
+    per_slab = max(1, (1 << 30) // slot_size)
+    return os.path.join(tier_dir, f"slab_{slot // per_slab:05d}.bin"), (slot % per_slab) * slot_size
 
 
 def shared_ssd_worker(root: str, tag: int, rounds: int, q) -> None:

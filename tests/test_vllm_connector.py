@@ -7,11 +7,10 @@ vLLM's own prefix-cache reuse at the same split (bf16), or of the no-cache basel
 import functools
 import os
 import shutil
-import struct
 
 import pytest
 
-from storekit import flip_bits, perturb
+from storekit import flip_bits, perturb, slot_place, slots_in_put_order
 from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
 
 pytestmark = pytest.mark.vllm
@@ -121,25 +120,10 @@ def test_chunked_prefill_and_batched_requests(tmp_path):
     assert_identical(r["phases"][0], ref["phases"][1])
 
 
-def _slots_in_put_order(ssd_root):
-    """Slots of the SSD tier's committed blocks, in the order they were published."""
-    sub = next(d for d in os.listdir(ssd_root) if d.startswith("p"))
-    data = open(os.path.join(ssd_root, sub, "index.log"), "rb").read()
-    slots = [struct.unpack_from("<BBHI", data, k)[3] for k in range(0, len(data), 64) if data[k] == 2]
-    return os.path.join(ssd_root, sub), slots
-
-
-def _slot_place(tier_dir, slot):
-    page = int(os.path.basename(tier_dir)[1:])
-    slot_size = (page + 4095) // 4096 * 4096
-    per_slab = max(1, (1 << 30) // slot_size)
-    return os.path.join(tier_dir, f"slab_{slot // per_slab:05d}.bin"), (slot % per_slab) * slot_size
-
-
 def _damaged_copy(root, work):
     """A copy of the stored SSD tier in `work`; (tier directory, slots in put order) to damage."""
     shutil.copytree(os.path.join(root, "ssd"), os.path.join(work, "ssd"))
-    tier, slots = _slots_in_put_order(os.path.join(work, "ssd"))
+    tier, slots = slots_in_put_order(os.path.join(work, "ssd"))
     assert len(slots) >= A_BLOCKS
     return tier, slots
 
@@ -163,11 +147,11 @@ def test_corrupted_store_reports_load_errors_and_recomputes(ref, ref_split4, sto
     work = str(tmp_path)
     tier, slots = _damaged_copy(root, work)
     if damage == "flip-first-block":
-        path, off = _slot_place(tier, slots[0])
+        path, off = slot_place(tier, slots[0])
         flip_bits(path, off + 1000, 0xFF)
         expected = ref["phases"][0]  # nothing survives: the no-cache result
     else:
-        path, off = _slot_place(tier, slots[4])
+        path, off = slot_place(tier, slots[4])
         os.truncate(path, off + 512)
         expected = ref_split4["phases"][1]  # blocks 0-3 survive: vLLM recomputes from block 4
     r = run_vllm([[A]], connector=ucm_connector(work))
@@ -184,7 +168,7 @@ def test_a_corrupted_store_heals_in_the_request_that_found_the_damage(ref, store
     work = str(tmp_path)
     tier, slots = _damaged_copy(root, work)
     for slot in slots:
-        path, off = _slot_place(tier, slot)
+        path, off = slot_place(tier, slot)
         flip_bits(path, off + 1000, 0xFF)
     r = run_vllm([[A]], connector=ucm_connector(work))
     assert "failed to load" in r["log"], "the load errors must be logged"
@@ -206,11 +190,11 @@ def test_blocks_computed_over_a_failed_load_are_not_stored_as_they_are(tmp_path)
     assert ref["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == c_blocks * BLOCK
     work = str(tmp_path)
     run_vllm([[A]], connector=ucm_connector(work))  # a store of A's 9 blocks alone
-    tier, slots = _slots_in_put_order(os.path.join(work, "ssd"))
+    tier, slots = slots_in_put_order(os.path.join(work, "ssd"))
     assert len(slots) == A_BLOCKS
     page = int(os.path.basename(tier)[1:])
     for slot in slots:
-        path, off = _slot_place(tier, slot)
+        path, off = slot_place(tier, slot)
         perturb(path, off, page, seed=slot)
     r = run_vllm([[C]], connector=warm_connector(work, "damaged", False))
     assert "failed to load" in r["log"] and "not saved: the step's loads failed" in r["log"], r["log"][-3000:]

@@ -7,7 +7,6 @@ Skipped where CUDA is absent (CI)."""
 
 import os
 import shutil
-import struct
 
 import pytest
 import torch
@@ -86,25 +85,16 @@ def test_the_comparison_catches_a_wrong_load(ref, stored):
         assert_identical(r["phases"][0], ref["phases"][1])
 
 
-def _slots(ssd_root):
-    sub = next(d for d in os.listdir(ssd_root) if d.startswith("p"))
-    data = open(os.path.join(ssd_root, sub, "index.log"), "rb").read()
-    slots = [struct.unpack_from("<BBHI", data, k)[3] for k in range(0, len(data), 64) if data[k] == 2]
-    return os.path.join(ssd_root, sub), slots
-
-
 def test_corrupted_pages_are_load_errors_recomputed_exactly_and_healed(ref_c, stored, tmp_path):
     """Every stored page damaged between runs: C's loads fail, vLLM recomputes C exactly, its saves of
     that step are dropped and the recomputed blocks stored; a third process hits all 50 blocks."""
-    from storekit import perturb
+    from storekit import perturb, slot_place, slots_in_put_order
 
     work = str(tmp_path)
     shutil.copytree(os.path.join(stored, "ssd"), os.path.join(work, "ssd"))
-    tier, slots = _slots(os.path.join(work, "ssd"))
-    slot_size = (PAGE + 4095) // 4096 * 4096
-    per_slab = max(1, (1 << 30) // slot_size)
+    tier, slots = slots_in_put_order(os.path.join(work, "ssd"))
     for s in slots:
-        perturb(os.path.join(tier, f"slab_{s // per_slab:05d}.bin"), (s % per_slab) * slot_size, PAGE, seed=s)
+        perturb(*slot_place(tier, s), PAGE, seed=s)
     r = run([[C]], connector=connector(work), hooks={0: {"before": DROP_CACHES}})
     assert "failed to load" in r["log"]
     assert_identical(r["phases"][0], ref_c["phases"][0])
