@@ -2,25 +2,28 @@
 
 Runs on the GPU machine (tests/gpu/README.md brings vLLM 0.26 there). Llama-3-8B shapes with dummy
 weights (`load_format="dummy"`, no tokenizer, random token prompts), block 16, bf16, eager mode in every
-configuration. Each row below is one fresh process:
+configuration. Each configuration is one fresh process, which runs every prompt length in turn:
 
-  nocache / floor   no connector, vLLM's prefix cache on: each prompt cold (no cache), then again
+  plain             no connector, vLLM's prefix cache on: each prompt cold (no cache), then again
                     (vLLM's own in-memory hit: the floor, nothing to load)
   offload           vLLM's OffloadingConnector (CPU tier, prefix cache off): cold, then again (CPU-tier hit)
-  ucm / ucm host    UCMConnector, prefix cache off: cold (its saves on), then again (host-tier hit)
-  ucm ssd           UCMConnector in a fresh process, host tier gone, page cache dropped: SSD hits
+  ucm               UCMConnector, prefix cache off: cold (its saves on), then again (host-tier hit)
+  ucm ssd           UCMConnector in a fresh process, a new host tier, page cache dropped: SSD hits
 TTFT = wall time of generate(max_tokens=1) of one prompt, median over the prompts. Throughput: 64
 prompts of 2K tokens and 64 generated tokens each in one generate call, (prompt + generated tokens)/s;
 the first batch of a process warms up and a second, different batch is timed (ucm warm: that batch
-again, all from the host tier). Ceilings in the same run: pinned host<->GPU DMA of 1 GiB, and
-the disk's O_DIRECT read and write with dd.
+again, all from the host tier). The cold-store cost is split by ablation, each its own process: ucm
+with kv_role kv_consumer (lookups, no saves), with a host tier only (saves, no SSD writes), and whole;
+`--profile` samples the timed batch of `plain` and `ucm` with py-spy (`--py-spy PATH`), stacks under
+$OUT. Ceilings in the same run: pinned host<->GPU DMA of 1 GiB, the disk's O_DIRECT read and write (dd).
 
-Run there: python3 bench/gpu_e2e.py [--lengths 2000 8000] [--prompts 4] [--disk /tmp]
+Run there: python3 bench/gpu_e2e.py [--lengths 2000 8000 32000] [--prompts 4] [--disk /tmp]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -60,16 +63,20 @@ def child(spec: dict) -> dict:
               max_model_len=spec["max_len"], enable_prefix_caching=spec["prefix_caching"], seed=0,
               max_num_batched_tokens=spec.get("batched", 16384), disable_log_stats=False)
     if spec.get("connector"):
-        kw["kv_transfer_config"] = KVTransferConfig(kv_connector=spec["connector"], kv_role="kv_both",
+        kw["kv_transfer_config"] = KVTransferConfig(kv_connector=spec["connector"], kv_role=spec.get("role", "kv_both"),
                                                     kv_connector_extra_config=spec.get("extra") or {})
     llm = LLM(**kw)
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 164)))], one, use_tqdm=False)  # warm-up
     out: dict = {"phases": []}
     for phase in spec["phases"]:
+        time.sleep(phase.get("sleep", 0))  # lets the saves of the phase before finish
         if phase.get("drop_caches"):
             subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True, check=False)
         ps = prompts(phase["n"], phase["length"], phase["seed"])
+        external0 = _external(llm)
+        if phase.get("mark"):
+            print(f"GPU-E2E-MARK {phase['mark']} {time.time()}", flush=True)
         if phase["kind"] == "ttft":
             times = []
             for p in ps:
@@ -84,9 +91,9 @@ def child(spec: dict) -> dict:
             dt = time.perf_counter() - t
             toks = sum(len(p) for p in ps) + sum(len(r.outputs[0].token_ids) for r in res)
             out["phases"].append({"seconds": dt, "tokens_per_s": toks / dt})
-        out["phases"][-1]["external"] = sum(m.value for m in llm.get_metrics()
-                                            if m.name == "vllm:prompt_tokens_by_source"
-                                            and m.labels.get("source") == "external_kv_transfer")
+        if phase.get("mark"):
+            print(f"GPU-E2E-MARK end {time.time()}", flush=True)
+        out["phases"][-1]["external"] = _external(llm) - external0
     llm.llm_engine.engine_core.shutdown()
     from ucm.tiers.store import close_shared
 
@@ -94,18 +101,69 @@ def child(spec: dict) -> dict:
     return out
 
 
-def run(spec: dict, log) -> dict:
+def _external(llm) -> int:
+    return sum(m.value for m in llm.get_metrics() if m.name == "vllm:prompt_tokens_by_source"
+               and m.labels.get("source") == "external_kv_transfer")
+
+
+ONLY: set[str] = set()  # --only: the configurations to run (names as in the log); empty: all
+
+
+def run(spec: dict, log, py_spy: str | None = None) -> dict:
+    """One configuration in a fresh process; with `py_spy`, its marked phase is sampled (raw stacks)."""
+    if ONLY and spec["name"] not in ONLY:
+        return {"skipped": True}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
     t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
-                       capture_output=True, text=True, env=env, timeout=900)
-    log.write(f"=== {spec['name']} ({time.perf_counter() - t0:.0f} s, rc {p.returncode})\n{p.stderr[-6000:]}\n")
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
+    errf = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errf, text=True, env=env)
+    spy, lines = None, []
+    raw = os.path.join(os.environ.get("OUT", "/tmp"), f"py-spy-{spec['name'].replace(' ', '-')}.txt")
+    for line in proc.stdout:
+        lines.append(line)
+        if py_spy and line.startswith("GPU-E2E-MARK ") and spy is None and not line.startswith("GPU-E2E-MARK end"):
+            spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--rate", "100", "--threads", "--idle",
+                                    "--nonblocking", "--format", "raw", "--output", raw],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        if spy is not None and line.startswith("GPU-E2E-MARK end"):
+            spy.send_signal(2)  # SIGINT: py-spy writes its samples and exits
+            spy.wait(timeout=60)
+    proc.wait(timeout=900)
+    errf.seek(0)
+    err = errf.read()
+    log.write(f"=== {spec['name']} ({time.perf_counter() - t0:.0f} s, rc {proc.returncode})\n{err[-6000:]}\n")
     log.flush()
-    line = next((l for l in p.stdout.splitlines() if l.startswith("GPU-E2E ")), None)
+    line = next((l for l in lines if l.startswith("GPU-E2E ")), None)
     if line is None:
-        last = [l for l in p.stderr.splitlines() if "Error" in l]
-        return {"crash": (last[-1] if last else f"exit {p.returncode}")[:200]}
-    return json.loads(line[len("GPU-E2E "):])
+        last = [l for l in err.splitlines() if "Error" in l]
+        return {"crash": (last[-1] if last else f"exit {proc.returncode}")[:200]}
+    res = json.loads(line[len("GPU-E2E "):])
+    if spy is not None and os.path.exists(raw):
+        res["profile"] = summarize_profile(raw)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.partial.jsonl"), "a") as f:
+        f.write(json.dumps({"name": spec["name"], **res}) + "\n")  # kept if a later configuration runs out of time
+    return res
+
+
+def summarize_profile(raw: str, top: int = 12) -> dict:
+    """Share of samples per thread, and the main thread's heaviest ucm/vllm frames (self + children)."""
+    threads, main_frames = collections.Counter(), collections.Counter()
+    total = 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, n = line.rstrip().rpartition(" ")
+            if not n.isdigit():
+                continue
+            n = int(n)
+            frames = stack.split(";")
+            thread = frames[0]
+            threads[thread] += n
+            total += n
+            if "MainThread" in thread or "main" in thread.lower():
+                for fr in set(fr.split(" (")[0] for fr in frames[1:] if "ucm/" in fr or "kv_connector" in fr):
+                    main_frames[fr] += n
+    return {"samples": total, "threads": threads.most_common(top), "main_thread_ucm_frames": main_frames.most_common(top)}
 
 
 # ---- ceilings --------------------------------------------------------------------------------------
@@ -135,10 +193,15 @@ def dd(args: list[str]) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child")
-    ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 8000])
+    ap.add_argument("--lengths", type=int, nargs="+", default=[2000, 8000, 32000])
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--disk", default="/tmp")
+    ap.add_argument("--no-ttft", action="store_true")
     ap.add_argument("--no-batch", action="store_true")
+    ap.add_argument("--ablations", action="store_true", help="also the kv_consumer and host-only ucm batches")
+    ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
+    ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
+    ap.add_argument("--only", nargs="+", default=[], help='configurations to run, e.g. "batch ucm" "ttft offload"')
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.log"))
     args = ap.parse_args()
     if args.child:
@@ -146,96 +209,144 @@ def main() -> None:
         return
     import torch
 
+    ONLY.update(args.only)
     log = open(args.log, "w")
     model = tempfile.mkdtemp(prefix="llama3-8b-")
     with open(os.path.join(model, "config.json"), "w") as f:
         json.dump(LLAMA3_8B, f)
-    root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
     shm = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir="/dev/shm")
     maxlen = max(args.lengths + [BATCH_LEN]) + 128
-    kv_bytes = 48 << 30
-    ttft_gib = (args.prompts * max(args.lengths) * KV_PER_TOKEN >> 30) + 2  # every prompt fits a tier
-    batch_gib = (2 * BATCH * BATCH_LEN * KV_PER_TOKEN >> 30) + 2
+    base = {"model": model, "kv_bytes": 48 << 30, "max_len": maxlen}
+    h2d, d2h = dma_ceiling()
 
-    def ucm(host: str, gib: int = ttft_gib) -> dict:
-        return {"host": {"capacity": f"{gib}GiB", "path": os.path.join(shm, host)},
-                "ssd": {"path": os.path.join(root, "ssd"), "capacity": f"{gib}GiB"}}
+    def ucm(root: str, host: str, gib: int, ssd: bool = True) -> dict:
+        cfg = {"host": {"capacity": f"{gib}GiB", "path": os.path.join(shm, host)}}
+        if ssd:
+            cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": f"{gib}GiB"}
+        return cfg
 
-    offload = {"cpu_bytes_to_use": ttft_gib << 30}
-    base = {"model": model, "kv_bytes": kv_bytes, "max_len": maxlen}
-    rows, table = {}, []
-    for n in args.lengths:
-        tt = lambda seed, **kw: {"kind": "ttft", "n": args.prompts, "length": n, "seed": seed, **kw}  # noqa: E731
-        two = [tt(n), tt(n)]
-        rows[n] = {
-            "plain": run({**base, "name": f"plain {n}", "prefix_caching": True, "phases": two}, log),
-            "offload": run({**base, "name": f"offload {n}", "prefix_caching": False, "connector": "OffloadingConnector",
-                            "extra": offload, "phases": two}, log),
-            "ucm": run({**base, "name": f"ucm {n}", "prefix_caching": False, "connector": "UCMConnector",
-                        "extra": ucm(f"h{n}"), "phases": two}, log),
-        }
-        rows[n]["ssd"] = run({**base, "name": f"ucm ssd {n}", "prefix_caching": False, "connector": "UCMConnector",
-                              "extra": ucm(f"h{n}-fresh"), "phases": [tt(n, drop_caches=True)]}, log)
-        shutil.rmtree(os.path.join(shm, f"h{n}"), ignore_errors=True)
-    batch = {}
+    ttft, batch = {}, {}
+    if not args.no_ttft:
+        root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+        gib = (args.prompts * sum(args.lengths) * KV_PER_TOKEN >> 30) + 2  # every prompt fits each tier
+        cold_warm, warm = [], []
+        for k, n in enumerate(args.lengths):
+            cold_warm += [{"kind": "ttft", "n": args.prompts, "length": n, "seed": k},
+                          {"kind": "ttft", "n": args.prompts, "length": n, "seed": k, "sleep": 2}]
+            warm += [{"kind": "ttft", "n": args.prompts, "length": n, "seed": k, "drop_caches": True}]
+        ttft["plain"] = run({**base, "name": "ttft plain", "prefix_caching": True, "phases": cold_warm}, log)
+        ttft["offload"] = run({**base, "name": "ttft offload", "prefix_caching": False,
+                               "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
+                               "phases": cold_warm}, log)
+        ttft["ucm"] = run({**base, "name": "ttft ucm", "prefix_caching": False, "connector": "UCMConnector",
+                           "extra": ucm(root, "ttft", gib), "phases": cold_warm}, log)
+        shutil.rmtree(os.path.join(shm, "ttft"), ignore_errors=True)
+        ttft["ssd"] = run({**base, "name": "ttft ucm ssd", "prefix_caching": False, "connector": "UCMConnector",
+                           "extra": ucm(root, "ttft-fresh", gib), "phases": warm}, log)
+        shutil.rmtree(os.path.join(shm, "ttft-fresh"), ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
     if not args.no_batch:
-        bt = lambda seed: {"kind": "batch", "n": BATCH, "length": BATCH_LEN, "seed": seed}  # noqa: E731
-        batch["plain"] = run({**base, "name": "batch plain", "prefix_caching": False, "phases": [bt(1), bt(2)]}, log)
+        root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+        gib = (2 * BATCH * BATCH_LEN * KV_PER_TOKEN >> 30) + 2
+        bt = lambda seed, **kw: {"kind": "batch", "n": BATCH, "length": BATCH_LEN, "seed": seed, **kw}  # noqa: E731
+        spy = args.py_spy
+        batch["plain"] = run({**base, "name": "batch plain", "prefix_caching": False,
+                              "phases": [bt(1), bt(2, mark="timed")]}, log, spy)
         batch["offload"] = run({**base, "name": "batch offload", "prefix_caching": False,
-                                "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": batch_gib << 30},
+                                "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
                                 "phases": [bt(1), bt(2)]}, log)
         batch["ucm"] = run({**base, "name": "batch ucm", "prefix_caching": False, "connector": "UCMConnector",
-                            "extra": ucm("batch", batch_gib), "phases": [bt(1), bt(2), bt(2)]}, log)
-    h2d, d2h = dma_ceiling()
+                            "extra": ucm(root, "batch", gib), "phases": [bt(1), bt(2, mark="timed"), bt(2, sleep=2)]},
+                           log, spy)
+        shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)
+        if args.ablations:
+            root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+            batch["consumer"] = run({**base, "name": "batch ucm consumer", "prefix_caching": False,
+                                     "connector": "UCMConnector", "role": "kv_consumer",
+                                     "extra": ucm(root, "batch-c", gib), "phases": [bt(1), bt(2)]}, log)
+            batch["host only"] = run({**base, "name": "batch ucm host only", "prefix_caching": False,
+                                      "connector": "UCMConnector", "extra": ucm(root, "batch-h", gib, ssd=False),
+                                      "phases": [bt(1), bt(2)]}, log)
+            shutil.rmtree(os.path.join(shm, "batch-c"), ignore_errors=True)
+            shutil.rmtree(os.path.join(shm, "batch-h"), ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
+    root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
     ddfile = os.path.join(root, "dd.bin")
     ddw = dd(["if=/dev/zero", f"of={ddfile}", "bs=4M", "count=1024", "oflag=direct"])
     ddr = dd([f"if={ddfile}", "of=/dev/null", "bs=4M", "count=1024", "iflag=direct"])
     shutil.rmtree(root, ignore_errors=True)
     shutil.rmtree(shm, ignore_errors=True)
+    with open(os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.json"), "w") as f:
+        json.dump({"ttft": ttft, "batch": batch, "h2d": h2d, "d2h": d2h, "ddr": ddr, "ddw": ddw}, f, indent=1)
+    table(args, ttft, batch, h2d, d2h, ddr, ddw)
 
+
+def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw: float) -> None:
+    import torch
     import vllm
 
-    med = lambda r, k: statistics.median(r["phases"][k]["ttft"]) * 1e3 if "phases" in r else float("nan")  # noqa: E731
-    table += [f"# End-to-end on vLLM's GPU build ({torch.cuda.get_device_name()})", "",
-              f"Card: {torch.cuda.get_device_name()}; vLLM {vllm.__version__}; torch {torch.__version__}; "
-              f"{os.cpu_count()} CPU cores; date {datetime.date.today()}. Llama-3-8B shapes, dummy weights, block 16, "
-              f"bf16, eager, one request at a time for TTFT (median of {args.prompts} prompts), each row's "
-              "configuration in a fresh process.",
-              f"Command: `python3 bench/gpu_e2e.py --lengths {' '.join(map(str, args.lengths))} --prompts {args.prompts}` "
-              "on the GPU machine (tests/gpu/README.md for the vLLM bundle).",
-              f"Ceilings measured in the same run: pinned DMA host->GPU {h2d:.1f} GB/s, GPU->host {d2h:.1f} GB/s "
-              f"(1 GiB); disk O_DIRECT read {ddr:.2f} GB/s, write {ddw:.2f} GB/s (dd, 4 GiB).", "",
-              "| prompt tokens | no cache ms | vLLM prefix-cache hit (floor) ms | OffloadingConnector CPU hit ms | "
-              "ucm host-tier hit ms | ucm SSD hit ms | copy limit ms | ucm host / copy limit | ucm cold ms | "
-              "Offloading cold ms |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for n, r in rows.items():
-        floor = med(r["plain"], 1)
-        limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3)
-        cells = [med(r["plain"], 0), floor, med(r["offload"], 1), med(r["ucm"], 1), med(r["ssd"], 0), limit,
-                 med(r["ucm"], 1) / limit, med(r["ucm"], 0), med(r["offload"], 0)]
-        table.append(f"| {n} | " + " | ".join(f"{c:.2f}x" if k == 6 else f"{c:.1f}" for k, c in enumerate(cells)) + " |")
-    for n, r in rows.items():
-        crashed = [f"{k}: {v['crash']}" for k, v in r.items() if "crash" in v]
-        ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in r.items()}
-        table.append(f"\n{n} tokens: external tokens counted by vLLM (cumulative per process): {ext}"
-                     + (f"; crashed: {crashed}" if crashed else ""))
+    def med(r: dict, k: int) -> float:
+        return statistics.median(r["phases"][k]["ttft"]) * 1e3 if "phases" in r else float("nan")
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b == b and b else float("nan")
+
+    card = torch.cuda.get_device_name()
+    lines = [f"# End-to-end on vLLM's GPU build ({card})", "",
+             f"Card: {card}; vLLM {vllm.__version__}; torch {torch.__version__}; {os.cpu_count()} CPU cores; date "
+             f"{datetime.date.today()}. Llama-3-8B shapes, dummy weights, block 16, bf16, eager; TTFT one request "
+             f"at a time (median of {args.prompts} prompts); each configuration one fresh process.",
+             f"Command: `python3 bench/gpu_e2e.py --lengths {' '.join(map(str, args.lengths))} --prompts {args.prompts}"
+             f"{' --ablations' if args.ablations else ''}` on the GPU machine (tests/gpu/README.md for the vLLM bundle).",
+             f"Ceilings measured in the same run: pinned DMA host->GPU {h2d:.1f} GB/s, GPU->host {d2h:.1f} GB/s "
+             f"(1 GiB); disk O_DIRECT read {ddr:.2f} GB/s, write {ddw:.2f} GB/s (dd, 4 GiB)."]
+    if ttft:
+        lines += ["", "| prompt tokens | no cache ms | vLLM prefix-cache hit (floor) ms | OffloadingConnector CPU hit ms | "
+                  "ucm host-tier hit ms | ucm SSD hit ms | copy limit ms | ucm host / copy limit | ucm host / Offloading | "
+                  "ucm SSD / no cache | ucm cold / no cache | Offloading cold / no cache |", "|---" * 12 + "|"]
+        for k, n in enumerate(args.lengths):
+            nocache, floor = med(ttft["plain"], 2 * k), med(ttft["plain"], 2 * k + 1)
+            limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3)
+            host, off, ssd = med(ttft["ucm"], 2 * k + 1), med(ttft["offload"], 2 * k + 1), med(ttft["ssd"], k)
+            limit = limit if limit == limit else n * KV_PER_TOKEN / (h2d * 1e9) * 1e3  # no floor measured
+            cells = [f"{nocache:.0f}", f"{floor:.0f}", f"{off:.0f}", f"{host:.0f}", f"{ssd:.0f}", f"{limit:.0f}",
+                     f"{ratio(host, limit):.2f}x", f"{ratio(host, off):.2f}", f"{ratio(ssd, nocache):.2f}",
+                     f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}"]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in ttft.items()}
+        lines.append(f"\nExternal tokens counted by vLLM per phase: {ext}")
+        crashed = [f"{k}: {v['crash']}" for k, v in ttft.items() if "crash" in v]
+        skipped = [k for k, v in ttft.items() if "skipped" in v]
+        if skipped:
+            lines.append(f"not run (--only): {skipped}")
+        if crashed:
+            lines.append(f"crashed: {crashed}")
     if batch:
         tps = lambda r, k: r["phases"][k]["tokens_per_s"] if "phases" in r else float("nan")  # noqa: E731
+        div = lambda a, b: a / b if b == b and b else float("nan")  # noqa: E731
         plain = tps(batch["plain"], 1)
-        table += ["", f"Batch of {BATCH} x {BATCH_LEN}-token prompts, {BATCH_GEN} generated tokens each "
+        rows = [("no connector", batch["plain"], 1), ("OffloadingConnector, cold", batch["offload"], 1),
+                ("ucm, cold store", batch["ucm"], 1), ("ucm, every prompt in the host tier", batch["ucm"], 2)]
+        if "consumer" in batch:
+            rows += [("ucm kv_consumer (lookups, no saves), cold", batch["consumer"], 1),
+                     ("ucm host tier only (saves, no SSD writes), cold", batch["host only"], 1)]
+        lines += ["", f"Batch of {BATCH} x {BATCH_LEN}-token prompts, {BATCH_GEN} generated tokens each "
                   "((prompt + generated) tokens/s; second batch of each process; ucm warm: the same prompts again):",
-                  "", "| configuration | tokens/s | vs no connector |", "|---|---|---|",
-                  f"| no connector | {plain:.0f} | 1.00 |",
-                  f"| OffloadingConnector, cold | {tps(batch['offload'], 1):.0f} | {tps(batch['offload'], 1) / plain:.2f} |",
-                  f"| ucm, cold store | {tps(batch['ucm'], 1):.0f} | {tps(batch['ucm'], 1) / plain:.2f} |",
-                  f"| ucm, every prompt in the host tier | {tps(batch['ucm'], 2):.0f} | {tps(batch['ucm'], 2) / plain:.2f} |"]
+                  "", "| configuration | tokens/s | vs no connector | external tokens |", "|---|---|---|---|"]
+        for name, r, k in rows:
+            ext = r["phases"][k].get("external") if "phases" in r else None
+            lines.append(f"| {name} | {tps(r, k):.0f} | {div(tps(r, k), plain):.2f} | {ext} |")
         crashed = [f"{k}: {v['crash']}" for k, v in batch.items() if "crash" in v]
         if crashed:
-            table.append(f"\ncrashed: {crashed}")
-    write_results("gpu_e2e.md", table)
+            lines.append(f"\ncrashed: {crashed}")
+        for k, r in batch.items():
+            if "profile" in r:
+                lines.append(f"\npy-spy of the timed batch, {k}: {json.dumps(r['profile'])}")
+    write_results(args.results, lines)
     out = os.environ.get("OUT")
     if out:
-        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "gpu_e2e.md"), out)
+        shutil.copy(os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", args.results), out)
 
 
 if __name__ == "__main__":

@@ -67,3 +67,18 @@ def test_reservations_survive_compaction_with_their_host(tmp_path):
     with again.locked():
         assert again.reserve(1, set()) == []
     assert os.path.exists(again.log_path)
+
+
+def test_free_slot_scans_stop_at_the_count_and_resume_where_they_stopped(tmp_path):
+    """A reservation looks at only as many free slots as it needs, and the next one starts after them
+    (a full scan per save held the engine's GIL); every slot is still found, wrapping around."""
+    idx = _index(tmp_path, slots=10)
+    with idx.locked():
+        first = idx.reserve(3, set())
+        second = idx.reserve(3, set())
+    assert first == [0, 1, 2] and second == [3, 4, 5]
+    assert idx.free_slots(2) == [6, 7]
+    assert sorted(idx.free_slots()) == [6, 7, 8, 9], "without a count: every free slot"
+    with idx.locked():
+        rest = idx.reserve(10, set())
+    assert sorted(rest) == [6, 7, 8, 9] and idx.free_slots(1) == []

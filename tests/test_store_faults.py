@@ -109,3 +109,12 @@ def test_two_processes_dump_and_lookup_one_path(tmp_path, procs):
     with _store_on_disk_only(tmp_path, "z", ssd="32MiB") as s:
         assert all(s.lookup(committed)), "a commit was lost"
         assert load_check(s, committed) == (0, 0)
+
+
+def test_flush_runs_group_consecutive_slots_up_to_a_size():
+    from ucm.tiers.flush import _runs
+
+    ids = [bytes([i]) for i in range(7)]
+    got = list(_runs(ids, [4, 5, 6, 9, 10, 11, 12], 3))
+    assert got == [(ids[0:3], 4), (ids[3:6], 9), (ids[6:7], 12)]
+    assert list(_runs([], [], 16)) == []

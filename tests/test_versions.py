@@ -34,3 +34,19 @@ def test_the_installed_cpu_build_has_per_tier_hit_sources():
 def test_pyproject_states_the_range():
     meta = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
     assert meta["project"]["optional-dependencies"]["vllm"] == [f"vllm{versions.RANGE}"]
+
+
+def test_sync_load_recovery_is_trusted_only_without_async_scheduling_on_the_cpu_build():
+    """load_error_recovery names why vLLM would not recompute correctly after a sync load error; the
+    connector then loads asynchronously (transfer.load_mode: auto)."""
+    from types import SimpleNamespace as NS
+
+    from ucm.integration.vllm.ucm_connector import _load_mode
+
+    asynchronous = NS(scheduler_config=NS(async_scheduling=True), use_v2_model_runner=False)
+    synchronous = NS(scheduler_config=NS(async_scheduling=False), use_v2_model_runner=True)  # CPU build: V2 ok
+    assert versions.load_error_recovery(asynchronous) == "async scheduling is on"
+    assert versions.load_error_recovery(synchronous) is None
+    assert _load_mode("auto", asynchronous)[0] is True and _load_mode("auto", synchronous)[0] is False
+    assert _load_mode("sync", asynchronous) == (False, "transfer.load_mode: sync")
+    assert _load_mode("async", synchronous) == (True, "transfer.load_mode: async")

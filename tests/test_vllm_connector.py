@@ -180,6 +180,52 @@ def test_a_corrupted_store_heals_in_the_request_that_found_the_damage(ref, store
     assert_identical(third["phases"][0], ref["phases"][1])
 
 
+def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split4, stored_a, tmp_path):
+    """transfer.load_mode: async (the GPU build's default under async scheduling): vLLM holds each request
+    until its load is done. SSD hits, then host-tier hits of a prompt extending A, are identical to vLLM's
+    own reuse; with block 4 truncated, blocks 0-3 load, vLLM recomputes from block 4 before the request
+    runs (identical to reusing 4 blocks), the recomputed blocks are stored, and a third process hits all."""
+    root, mp, _ = stored_a
+    if mp:
+        pytest.skip("async loads are checked in single-process mode")
+    warm = run_vllm([[A], [C]], connector=warm_connector(root, "async", mp, transfer={"load_mode": "async"}))
+    assert "loads asynchronous (transfer.load_mode: async)" in warm["log"]
+    assert [m.get(EXT) for m in warm["phase_metrics"]] == [A_BLOCKS * BLOCK] * 2
+    assert warm["phase_metrics"][0].get(DISK) == A_BLOCKS * BLOCK
+    assert warm["phase_metrics"][1].get(HOST) == A_BLOCKS * BLOCK
+    assert_identical(warm["phases"][0], ref["phases"][1])
+    assert_identical(warm["phases"][1], ref["phases"][3])
+    work = str(tmp_path)
+    tier, slots = _damaged_copy(root, work)
+    path, off = slot_place(tier, slots[4])
+    os.truncate(path, off + 512)
+    r = run_vllm([[A]], connector=ucm_connector(work, transfer={"load_mode": "async"}))
+    assert "failed to load" in r["log"], "the load error must be logged"
+    assert_identical(r["phases"][0], ref_split4["phases"][1])
+    third = run_vllm([[A]], connector=warm_connector(work, "third", False))
+    assert third["phase_metrics"][0].get(EXT) == A_BLOCKS * BLOCK, "the recomputed blocks must be stored again"
+    assert_identical(third["phases"][0], ref["phases"][1])
+
+
+def test_kv_role_consumer_only_loads_and_producer_only_saves(ref, stored_a, tmp_path):
+    """kv_role kv_consumer: C hits A's stored blocks and stores none of its own; kv_producer: A is
+    computed cold (no lookup hits) although the store has it."""
+    root, mp, _ = stored_a
+    if mp:
+        pytest.skip("roles are checked in single-process mode")
+    work = str(tmp_path)
+    tier, slots = _damaged_copy(root, work)  # an undamaged copy
+    consumer = {**warm_connector(work, "consumer", False), "kv_role": "kv_consumer"}
+    r = run_vllm([[C]], connector=consumer)
+    assert r["phase_metrics"][0].get(EXT) == A_BLOCKS * BLOCK
+    assert_identical(r["phases"][0], ref["phases"][3])
+    assert len(slots_in_put_order(os.path.join(work, "ssd"))[1]) == len(slots), "a consumer must not save"
+    producer = {**warm_connector(work, "producer", False), "kv_role": "kv_producer"}
+    p = run_vllm([[A]], connector=producer)
+    assert p["phase_metrics"][0].get(EXT, 0) == 0, "a producer must not load"
+    assert_identical(p["phases"][0], ref["phases"][0])
+
+
 def test_blocks_computed_over_a_failed_load_are_not_stored_as_they_are(tmp_path):
     """C extends A: A's 9 stored blocks load and C's 3 new full blocks are computed in the same step.
     Every stored page is damaged, so those 3 blocks were computed over KV that was not there: they must

@@ -73,7 +73,7 @@ def main() -> None:
         _load_into_wrong_slot()
     c = spec.get("connector")
     if c:
-        kw["kv_transfer_config"] = KVTransferConfig(kv_connector=c["kv_connector"], kv_role="kv_both",
+        kw["kv_transfer_config"] = KVTransferConfig(kv_connector=c["kv_connector"], kv_role=c.get("kv_role", "kv_both"),
                                                     kv_connector_module_path=c.get("kv_connector_module_path"),
                                                     kv_connector_extra_config=c.get("extra") or {})
     llm = LLM(**kw)

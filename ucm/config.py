@@ -23,6 +23,7 @@ EMBEDDED_CONFIG = Path(__file__).parent / "configs" / "ucm_config.yaml"  # ucm/c
 
 WRITE_POLICIES = ("write_through", "write_back")
 GPU_TRANSFER_MODES = ("staged", "direct")
+LOAD_MODES = ("auto", "sync", "async")
 
 
 class ConfigError(ValueError):
@@ -79,6 +80,10 @@ class TransferConfig:
     direct_programs: int = 8  # persistent grid of the direct kernel (SMs it may occupy)
     layerwise_load: bool = True  # SSD hits read layer group by layer group, overlapping the forward pass
     layer_read_bytes: int = 512 << 10  # bytes of a page per read of a layer-wise load (first group: one layer)
+    # sync: a request's hits load in the step that computes it (a failed load is recomputed by vLLM after
+    # that step); async: before it is scheduled (vLLM's WAITING_FOR_REMOTE_KVS); auto: async where vLLM
+    # cannot recompute correctly after a sync load error (versions.load_error_recovery)
+    load_mode: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -223,13 +228,18 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     transfer = TransferConfig()
     if data.get("transfer") is not None:
         t = _mapping(data["transfer"], source, "transfer")
-        _check_keys(t, ("gpu_mode", "direct_programs", "layerwise_load", "layer_read_size"), source, "transfer.")
+        _check_keys(t, ("gpu_mode", "direct_programs", "layerwise_load", "layer_read_size", "load_mode"), source,
+                    "transfer.")
         mode = t.get("gpu_mode", "staged")
         if mode not in GPU_TRANSFER_MODES:
             raise ConfigError(source, "transfer.gpu_mode", mode, f"must be one of {', '.join(GPU_TRANSFER_MODES)}")
+        load_mode = t.get("load_mode", "auto")
+        if load_mode not in LOAD_MODES:
+            raise ConfigError(source, "transfer.load_mode", load_mode, f"must be one of {', '.join(LOAD_MODES)}")
         transfer = TransferConfig(mode, _int_in(t, "direct_programs", 8, 1, 1024, source, "transfer."),
                                   _bool(t, "layerwise_load", True, source, "transfer."),
-                                  parse_size(t.get("layer_read_size", "512KiB"), source, "transfer.layer_read_size"))
+                                  parse_size(t.get("layer_read_size", "512KiB"), source, "transfer.layer_read_size"),
+                                  load_mode)
     blend = _blend(data["blend"], source) if data.get("blend") is not None else None
     return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
                      remote=remote, blend=blend, source=source)

@@ -17,7 +17,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 A = tokens(600, 1)  # 37 full blocks of 16 + 8 tokens
 B = A[:320] + tokens(280, 2)  # shares exactly 20 full blocks with A
-C = A + tokens(200, 3)  # extends A: 50 full blocks, A's 37 first
+C = A + tokens(204, 3)  # extends A: 50 full blocks + 4 tokens, A's 37 first
 NA, NB, NC = len(A) // BLOCK, 320 // BLOCK, len(C) // BLOCK
 
 
@@ -85,9 +85,17 @@ def test_the_comparison_catches_a_wrong_load(ref, stored):
         assert_identical(r["phases"][0], ref["phases"][1])
 
 
-def test_corrupted_pages_are_load_errors_recomputed_exactly_and_healed(ref_c, stored, tmp_path):
-    """Every stored page damaged between runs: C's loads fail, vLLM recomputes C exactly, its saves of
-    that step are dropped and the recomputed blocks stored; a third process hits all 50 blocks."""
+SYNC_NO_ASYNC_SCHED = pytest.param(
+    {"transfer": {"load_mode": "sync"}}, {"async_scheduling": False}, id="sync-loads-no-async-scheduling",
+    marks=pytest.mark.xfail(strict=True, reason="vLLM 0.26's V2 model runner does not rewind its device state "
+                            "after a sync load error (vLLM #49250): why load_mode auto loads asynchronously here"))
+
+
+@pytest.mark.parametrize("extra,engine", [pytest.param({}, {}, id="auto"), SYNC_NO_ASYNC_SCHED])
+def test_corrupted_pages_are_load_errors_recomputed_exactly_and_healed(ref_c, stored, tmp_path, extra, engine):
+    """Every stored page damaged between runs: C's loads fail, vLLM recomputes C exactly, and the
+    recomputed blocks are stored; a third process hits all 50 blocks. `auto` loads asynchronously on
+    this build (async scheduling, V2 runner): vLLM recomputes the failed blocks before C runs."""
     from storekit import perturb, slot_place, slots_in_put_order
 
     work = str(tmp_path)
@@ -95,23 +103,31 @@ def test_corrupted_pages_are_load_errors_recomputed_exactly_and_healed(ref_c, st
     tier, slots = slots_in_put_order(os.path.join(work, "ssd"))
     for s in slots:
         perturb(*slot_place(tier, s), PAGE, seed=s)
-    r = run([[C]], connector=connector(work), hooks={0: {"before": DROP_CACHES}})
+    r = run([[C]], connector=connector(work, **extra), hooks={0: {"before": DROP_CACHES}}, engine=engine)
     assert "failed to load" in r["log"]
+    if not extra:
+        assert "loads asynchronous (async scheduling is on" in r["log"]
     assert_identical(r["phases"][0], ref_c["phases"][0])
     third = run([[C]], connector=connector(work, host_dir="host-third"), hooks={0: {"before": DROP_CACHES}})
     assert third["phase_metrics"][0].get(EXT) == NC * BLOCK
     assert_identical(third["phases"][0], ref_c["phases"][1])
 
 
-def test_chunked_prefill_with_several_requests_in_a_batch(tmp_path):
-    """Prefill 64 tokens a step, three requests in one batch, every one hitting stored blocks."""
+@pytest.mark.parametrize("load_mode", ["sync", "auto"])
+def test_chunked_prefill_with_several_requests_in_a_batch(tmp_path, load_mode):
+    """Prefill 64 tokens a step, three requests in one batch, every one hitting stored blocks. With sync
+    loads the steps hold the same tokens as the reference's, so the outputs are identical. With async
+    loads (auto here) each request starts when its load is done, so the steps mix other tokens than the
+    reference's and bf16 matrix products round differently: the tokens must match, the logprobs within
+    2^-5, the spacing of bf16 numbers between 4 and 8 (on the H200 the worst was 1.6e-2)."""
     chunk = 64
     ref = run([[A], [A, C, B]], prefix_caching=True, max_num_batched_tokens=chunk)
     root = str(tmp_path)
     run([[A]], connector=connector(root), max_num_batched_tokens=chunk)
-    r = run([[A, C, B]], connector=connector(root, host_dir="host-b"), max_num_batched_tokens=chunk)
+    r = run([[A, C, B]], connector=connector(root, host_dir="host-b", transfer={"load_mode": load_mode}),
+            max_num_batched_tokens=chunk)
     assert r["phase_metrics"][0].get(EXT) == (NA + NA + NB) * BLOCK
-    assert_identical(r["phases"][0], ref["phases"][1])
+    assert_identical(r["phases"][0], ref["phases"][1], tol=1e-5 if load_mode == "sync" else 2 ** -5)
 
 
 def test_working_set_larger_than_both_tiers(tmp_path):

@@ -10,7 +10,8 @@ Two designs for a GPU cache, chosen by `mode` (config key `gpu_transfer`):
   `programs` programs; no staging memory.
 
 For a CPU cache (vLLM's CPU backend) both are the vectorised torch path straight into the pages.
-All work is enqueued on the current stream; `synchronize()` waits for it. The transfer layer alone
+All work is enqueued on the current stream; `synchronize()` waits for it. Saves and loads may run at
+once on two streams (two threads), so each direction stages through its own ring. The transfer layer alone
 touches the device: it registers host memory with CUDA (`register_host`) and owns the events.
 """
 
@@ -47,10 +48,8 @@ class HostTransfer:
         self.programs = programs
         self.gpu = layout.device.type == "cuda"
         self._registered: list[int] = []
-        self.ring = None
-        if self.gpu and mode == "staged":
-            pages = max(1, ring_bytes // layout.page_size)
-            self.ring = torch.empty((pages, layout.page_size), dtype=torch.uint8, device=layout.device)
+        self._ring_pages = max(1, ring_bytes // layout.page_size)
+        self._rings: dict[bool, torch.Tensor] = {}  # to_host -> GPU staging, made at first use
 
     def register_host(self, pages: torch.Tensor) -> bool:
         """Pin host memory the kernels read and write (the host tier's pages) with cudaHostRegister, so
@@ -99,11 +98,8 @@ class HostTransfer:
         if len(block_ids) == 0:
             return
         dev = self.layout.device
+        # direct: the kernel reaches pinned host memory only; unpinned pages are staged like `staged`
         direct = self.mode == "direct" and (not self.gpu or pages.is_pinned())
-        if self.gpu and self.mode == "direct" and not direct and self.ring is None:
-            # the kernel cannot reach unpinned host memory: stage through the GPU instead
-            self.ring = torch.empty((max(1, (256 << 20) // self.layout.page_size), self.layout.page_size),
-                                    dtype=torch.uint8, device=dev)
         if not self.gpu or direct:
             idx = torch.as_tensor(list(block_ids), dtype=torch.int64)
             where = torch.as_tensor(list(slots), dtype=torch.int64)
@@ -112,7 +108,10 @@ class HostTransfer:
             kw = {"num_programs": self.programs} if self.gpu else {}
             (pack if to_host else unpack)(self.layout, idx, pages, where, **kw)
             return
-        ring = self.ring
+        ring = self._rings.get(to_host)
+        if ring is None:
+            ring = self._rings[to_host] = torch.empty((self._ring_pages, self.layout.page_size), dtype=torch.uint8,
+                                                      device=dev)
         cap = ring.shape[0]
         ids, slots = list(block_ids), list(slots)
         size = self.layout.page_size

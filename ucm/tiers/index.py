@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import os
 import socket
 import struct
@@ -122,6 +123,7 @@ class SlotIndex:
         self.log_path = os.path.join(directory, "index.log")
         self.owner = process_owner()
         self.readonly = readonly
+        self._scan_from = 0  # free_slots resumes here
         self._lock_fd = -1 if readonly else os.open(os.path.join(directory, "index.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._locked = False
         self._open_log()
@@ -256,9 +258,20 @@ class SlotIndex:
             raise OSError(errno.ENOSPC, "short write to the index log")
         self.refresh()
 
-    def free_slots(self) -> list[int]:
-        used = set(self.slot_ids) | set(self.reserved)
-        return [s for s in range(self.num_slots) if s not in used]
+    def free_slots(self, limit: int | None = None) -> list[int]:
+        """Slots neither committed nor reserved, at most `limit` of them, scanning on from where the last
+        scan stopped (a save asks for a few slots of a tier with tens of thousands; a scan of all of
+        them holds the GIL that the engine's forward pass runs on)."""
+        used_ids, reserved, n = self.slot_ids, self.reserved, self.num_slots
+        start = self._scan_from % max(n, 1)
+        out: list[int] = []
+        for s in itertools.chain(range(start, n), range(start)):
+            if s not in used_ids and s not in reserved:
+                out.append(s)
+                if limit is not None and len(out) >= limit:
+                    self._scan_from = s + 1
+                    break
+        return out
 
     def reserve(self, count: int, pinned: set[int]) -> list[int]:
         """Inside locked(): up to `count` slots for this process, evicting LRU blocks if needed.
@@ -267,7 +280,7 @@ class SlotIndex:
         Returns fewer slots than asked when nothing more can be freed.
         """
         alive: dict[int, bool] = {}
-        free = self.free_slots()
+        free = self.free_slots(count)
         if len(free) < count:
             free += self._reclaim_dead()
         victims: list[int] = []

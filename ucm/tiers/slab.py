@@ -15,6 +15,7 @@ Slots are `page_size` rounded up to 4 KiB, so every slot is aligned for O_DIRECT
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import shutil
@@ -38,6 +39,17 @@ log_load = get_logger("Load")
 
 def round_up(n: int, align: int = ALIGN) -> int:
     return (n + align - 1) // align * align
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_MADV_POPULATE_WRITE = 23  # Linux >= 5.14
+
+
+def _populate(addr: int, length: int) -> None:
+    """Fault in [addr, addr + length) for writing (MADV_POPULATE_WRITE), so the hot path takes no page
+    faults. Through ctypes, which releases the GIL: mmap.madvise holds it for the whole call (tens of
+    ms per chunk), stalling the engine's forward pass. A kernel without it just faults later."""
+    _LIBC.madvise(ctypes.c_void_p(addr), ctypes.c_size_t(length), _MADV_POPULATE_WRITE)
 
 
 def page_checksum(buf) -> int:
@@ -107,10 +119,7 @@ class MemorySlots:
         start = chunk * self.CHUNK
         length = min(self.CHUNK, len(self._mm) - start)
         os.posix_fallocate(self._fd, start, length)
-        try:
-            self._mm.madvise(23, start, length)  # MADV_POPULATE_WRITE: no page faults on the hot path
-        except (OSError, ValueError):
-            pass
+        _populate(self.tensor.data_ptr() + start, length)
         self._ready.add(chunk)
 
     def _prepare_ahead(self, upto: int) -> None:
@@ -202,6 +211,25 @@ class FileSlots:
         """(file descriptor, byte offset) of a slot."""
         slab, i = divmod(slot, self.slots_per_slab)
         return self._fd(slab), i * self.slot_size
+
+    def write_run(self, slot: int, bufs: list[memoryview]) -> None:
+        """Write consecutive slots slot, slot + 1, ... (all in one slab file) with one pwritev: one
+        system call, and one release of the GIL, for the run."""
+        if (len(bufs) == 1 or (slot % self.slots_per_slab) + len(bufs) > self.slots_per_slab
+                or any(len(b) != self.slot_size for b in bufs)):
+            for k, buf in enumerate(bufs):
+                self.write(slot + k, buf)
+            return
+        fd, off = self.locate(slot)
+        total = sum(len(b) for b in bufs)
+        n = os.pwritev(fd, bufs, off)
+        if n != total:  # short: finish page by page, which retries and names the real errno
+            for k, buf in enumerate(bufs):
+                if n < (k + 1) * self.slot_size:
+                    self.write(slot + k, buf)
+            return
+        if self.fsync:
+            os.fdatasync(fd)
 
     def write(self, slot: int, buf: memoryview) -> None:
         fd, off = self.locate(slot)

@@ -54,6 +54,16 @@ def _tp_rank() -> int:
         return 0
 
 
+def _load_mode(mode: str, vllm_config: "VllmConfig") -> tuple[bool, str]:
+    """(loads are asynchronous, why) for transfer.load_mode."""
+    if mode != "auto":
+        return mode == "async", f"transfer.load_mode: {mode}"
+    unsafe = versions.load_error_recovery(vllm_config)
+    if unsafe:
+        return True, f"{unsafe}: vLLM would not recompute correctly after a load error in the step"
+    return False, "vLLM recomputes correctly after a load error in the step"
+
+
 class UCMDirectConnector(KVConnectorBase_V1):
     _with_blend = False  # BlendConnector: a blend component on each side
 
@@ -76,10 +86,13 @@ class UCMDirectConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             if ktc.kv_load_failure_policy == "fail":
                 ktc.kv_load_failure_policy = "recompute"  # a cache failure must cost a recompute, never a request
+            load_async, why = _load_mode(self.config.transfer.load_mode, vllm_config)
             self.scheduler = SchedulerSide(self.config, self.identity, self.page_size,
-                                           blend.planner(lambda: self.scheduler.store) if blend else None)
-            log.info("scheduler connector: block %d tokens, page %d B, config %s", self.block_size,
-                     self.page_size, self.config.source)
+                                           blend.planner(lambda: self.scheduler.store) if blend else None,
+                                           load_async=load_async, loads=ktc.is_kv_consumer, saves=ktc.is_kv_producer)
+            log.info("scheduler connector: block %d tokens, page %d B, config %s, kv_role %s; loads %s (%s)",
+                     self.block_size, self.page_size, self.config.source, ktc.kv_role,
+                     "asynchronous" if load_async else "synchronous", why)
         else:
             self.rank = _tp_rank()
             self.worker = WorkerSide(self.config, self.identity, self.page_size, kv_cache_config, self.rank,
@@ -161,7 +174,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self.blend_worker is not None:
             self.blend_worker.finished(finished_req_ids)
-        return (self.worker.get_finished(finished_req_ids) or None), None
+        saved, loaded = self.worker.get_finished(finished_req_ids)
+        return saved or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

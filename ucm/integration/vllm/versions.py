@@ -11,6 +11,12 @@
   connector answers nothing of it; ucm's own stats and journal still split hits by tier.
 * `SchedulerOutput.has_sync_kv_loads`: 0.32 starts a step's loads after the forward pass unless it is set
   (BlendConnector sets it); 0.26 always calls `start_load_kv` before it.
+* Recompute after a sync load error (every listed version): vLLM truncates the request's computed tokens
+  after the step, but with async scheduling the next step was already scheduled on the token sampled over
+  the missing KV, and the V2 GPU model runner keeps its device copy of the computed tokens (vLLM issues
+  #45138, #49250; measured on 0.26: wrong tokens). `load_error_recovery` names the cause from the
+  engine's config, and the connector then loads asynchronously (vLLM recomputes a failed block before the
+  request ever runs).
 * Sleep mode (0.33): vLLM may free and remap the KV cache; ucm's layout holds the registered addresses and
   the host tier's CUDA registration, so `supports_sleep_mode` is False and vLLM refuses sleep mode with
   the connector instead of remapping under it.
@@ -69,3 +75,16 @@ def hit_sources() -> dict[str, object] | None:
     from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
     return {"host": CacheHitSource.HOST, "ssd": CacheHitSource.DISK, "remote": CacheHitSource.EXTERNAL_UNSPECIFIED}
+
+
+def load_error_recovery(vllm_config) -> str | None:
+    """Why vLLM would not recompute a request correctly after a load error reported at the end of the
+    step that used the blocks (a sync load), or None where it does (the CPU build: no async scheduling,
+    the V1 runner's state). Decided from the engine's config, once, by the connector's scheduler side."""
+    if getattr(vllm_config.scheduler_config, "async_scheduling", False):
+        return "async scheduling is on"
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and getattr(vllm_config, "use_v2_model_runner", False):
+        return "the V2 model runner keeps its device copy of the computed tokens"
+    return None

@@ -21,6 +21,7 @@ class RequestMeta:
     # leading load blocks holding only cached tokens: this step's forward pass writes none of their
     # slots, so they may be filled layer by layer while it runs (a full hit's last block is not)
     load_whole_blocks: int = 0
+    load_async: bool = False  # the request waits (not scheduled) until the worker reports its load done
 
 
 @dataclass
@@ -51,6 +52,7 @@ class RequestState:
     lookup: Lookup = field(default_factory=Lookup)
     load: tuple[list[bytes], list[int]] | None = None  # set after allocation, sent once
     load_whole_blocks: int = 0
+    load_async: bool = False  # decided at the lookup: the load runs before the request is scheduled
     load_sources: dict = field(default_factory=dict)
     saved_upto: int = 0  # blocks [0, saved_upto) are stored, loaded, or scheduled for saving
     save_limit: int | None = None  # blocks at and after this are never saved (their KV is not exact)

@@ -10,6 +10,10 @@
   not stored yet, to save. When a request's computed tokens go back (vLLM recomputes after a load error,
   or resumes a preempted request), saving resumes from there, so a block whose stored copy failed to
   load is stored again by the request that recomputed it: the cache heals.
+* Loads are synchronous (in the step that computes the request) or asynchronous (`load_async`: vLLM keeps
+  the request in WAITING_FOR_REMOTE_KVS until the worker reports the load done; the next step's metadata
+  carries it, and a failed block is recomputed before the request runs). A blended request loads no
+  prefix: its chunks are blended in the steps that compute it.
 * A blend planner (BlendConnector) may replace a prefix load by a blend and limits the exact-prefix saves.
 """
 
@@ -34,9 +38,13 @@ log = get_logger("Connector")
 
 
 class SchedulerSide:
-    def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, blend=None):
-        """`blend`: a blend.plan.BlendPlanner (BlendConnector), or None."""
+    def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, blend=None,
+                 load_async: bool = False, loads: bool = True, saves: bool = True):
+        """`blend`: a blend.plan.BlendPlanner (BlendConnector), or None; `load_async`: see the module;
+        `loads`/`saves`: vLLM's kv_role (kv_consumer: loads only, kv_producer: saves only, kv_both)."""
         self.config, self.identity, self.page_size = config, identity, page_size
+        self.load_async, self.loads, self.saves = load_async, loads, saves
+        self._async_loads: list[str] = []  # requests allocated for an async load, not sent to the worker yet
         self.block_size = identity.seed.block_size
         self.blend = blend
         self._access = StoreAccess(config, page_size, identity.seed, "scheduler")
@@ -71,7 +79,7 @@ class SchedulerSide:
         st = self._state(request)
         bs, n_tokens = self.block_size, request.num_tokens
         ids = self._ids(st, n_tokens // bs)
-        hits = self.hit_blocks(ids)
+        hits = self.hit_blocks(ids) if self.loads else 0
         hit_tokens = min(hits * bs, n_tokens - 1)  # vLLM must compute the last token itself
         external = max(0, hit_tokens - num_computed_tokens)
         first = num_computed_tokens // bs
@@ -82,10 +90,11 @@ class SchedulerSide:
             external, st.save_limit = self.blend.plan(request, num_computed_tokens, external)
             if not external:
                 st.lookup.load_range = None
-        log.debug("req %s: %d tokens, %d full blocks, %d in ucm, %d computed by vLLM -> load %d tokens "
+        st.load_async = bool(external) and self.load_async
+        log.debug("req %s: %d tokens, %d full blocks, %d in ucm, %d computed by vLLM -> load %d tokens%s "
                   "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits, num_computed_tokens,
-                  external, 1e3 * (time.perf_counter() - t0))
-        return external, False
+                  external, " async" if st.load_async else "", 1e3 * (time.perf_counter() - t0))
+        return external, st.load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
         st = self.reqs.get(request.request_id)
@@ -106,6 +115,11 @@ class SchedulerSide:
         st.load_sources = {"host": host, "ssd": ssd, "remote": num_external_tokens - host - ssd}
         st.saved_upto = max(st.saved_upto, b)
         lk.load_range = None
+        if st.load_async:
+            self._async_loads.append(request.request_id)
+            # vLLM counts the loaded tokens as computed; it truncates them if the load fails, and the
+            # first step then computes from below this, which resumes saving there (the cache heals)
+            st.computed_upto = lk.vllm_hits * bs + num_external_tokens
 
     def _record(self, request: "Request", st: RequestState, loaded: int) -> None:
         """Counters and a journal line for a lookup vLLM acted on."""
@@ -130,6 +144,12 @@ class SchedulerSide:
     # ---- steps ------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> UCMConnectorMetadata:
         meta = UCMConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
+        for req_id in self._async_loads:
+            st = self.reqs.get(req_id)
+            if st is not None and st.load is not None:
+                meta.requests.append(RequestMeta(req_id, load_block_ids=st.load, load_async=True))
+                st.load = None
+        self._async_loads = []
         sched = scheduler_output.num_scheduled_tokens
         steps: list[tuple[str, int]] = []
         for new in scheduler_output.scheduled_new_reqs:
@@ -159,7 +179,7 @@ class SchedulerSide:
             if st.load is not None:
                 rm.load_block_ids, st.load = st.load, None
                 rm.load_whole_blocks = st.load_whole_blocks
-            full = min(after, st.request.num_tokens) // self.block_size
+            full = min(after, st.request.num_tokens) // self.block_size if self.saves else 0
             full = min(full, len(st.block_ids), len(st.block_ids) if st.save_limit is None else st.save_limit)
             if full > st.saved_upto:
                 ids = self._ids(st, full)[st.saved_upto:full]

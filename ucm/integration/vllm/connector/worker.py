@@ -9,12 +9,18 @@ forward pass; SSD hits holding only cached tokens are read layer group by layer 
 (`wait_for_layer_load`). A block that fails to load is reported to vLLM (`get_block_ids_with_load_errors`),
 which recomputes from there; the request's saves of that step are dropped (its new KV attended to the
 missing blocks), and the scheduler side saves the recomputed blocks again.
+
+Async loads (`RequestMeta.load_async`: the request is not in the step) run whole on a load thread (a CUDA
+stream of their own on a GPU) while steps go on; `get_finished` reports each one once it is done and
+verified, with its failed blocks among the load errors of that same step, so vLLM recomputes them
+before the request runs.
 """
 
 from __future__ import annotations
 
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -40,6 +46,18 @@ log_load = get_logger("Load")
 log_save = get_logger("Save")
 
 
+@dataclass
+class LoadResult:
+    """One whole load: blocks asked, failures (vLLM block id -> why), the tier each hit came from."""
+
+    blocks: int
+    errors: dict[int, str] = field(default_factory=dict)
+    host: int = 0
+    ssd: int = 0
+    remote: int = 0
+    seconds: float = 0.0
+
+
 class WorkerSide:
     def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, kv_cache_config: "KVCacheConfig",
                  rank: int, layerwise: bool = True):
@@ -63,6 +81,10 @@ class WorkerSide:
         self._layered: tuple[RangedLoad, list[int], float] | None = None  # this step's layer-wise load
         self._layers_waited: set[int] = set()
         self._layer_pool = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="ucm-layers")
+        self._async: dict[str, Future] = {}  # request -> its async load (a LoadResult), until reported
+        self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="ucm-load")
+        self._load_stream = None  # a GPU's stream for async loads
+        self._forward_ran = False  # this step ran a forward pass (wait_for_save was called)
 
     @property
     def store(self) -> TieredStore:
@@ -89,6 +111,7 @@ class WorkerSide:
         tc = self.config.transfer
         self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
         self.saves = Saves(gpu)
+        self._load_stream = torch.cuda.Stream() if gpu else None
         host = self.store.host
         if gpu:
             if not host.slots.on_tmpfs:
@@ -118,6 +141,11 @@ class WorkerSide:
         whole: list[bool] = []
         for rm in meta.requests:
             n = len(rm.load_block_ids[0])
+            if n and rm.load_async:
+                store_ids = self.identity.for_rank(rm.load_block_ids[0], self.rank)
+                self._async[rm.req_id] = self._async_pool.submit(self._load_async, store_ids,
+                                                                 list(rm.load_block_ids[1]))
+                continue
             if n:
                 self._step_loads[rm.req_id] = set(rm.load_block_ids[1])
             ids += rm.load_block_ids[0]
@@ -148,23 +176,65 @@ class WorkerSide:
         if store_ids:
             self._load_whole(store_ids, vids, t0)
 
-    def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
+    def _copy_in(self, store_ids: list[bytes], vids: list[int]) -> LoadResult:
+        """Load blocks whole into vLLM blocks `vids` (on the current stream, synchronized) and verify them."""
+        t0 = time.perf_counter()
         st = self.store.stats
-        before = (st.host_hits, st.ssd_hits, st.remote_hits)
+        before = (st.host_hits, st.ssd_hits, st.remote_hits)  # loads run one at a time: the deltas are ours
         task = self.store.prepare_load(store_ids)
         self.xfer.restore(task, vids)
-        failed = self.store.wait(task)
-        self._count_load(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, time.perf_counter() - t0)
-        self.stats.add(host_hit_blocks=st.host_hits - before[0], ssd_hit_blocks=st.ssd_hits - before[1],
-                       remote_hit_blocks=st.remote_hits - before[2])
-        log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms", len(store_ids) - failed,
-                       (len(store_ids) - failed) * self.page_size >> 20, 1e3 * (time.perf_counter() - t0))
+        self.store.wait(task)
+        return LoadResult(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, st.host_hits - before[0],
+                          st.ssd_hits - before[1], st.remote_hits - before[2], time.perf_counter() - t0)
 
-    def _count_load(self, n: int, errors: dict[int, str], seconds: float) -> None:
-        """Stats and load errors of n blocks; errors: vLLM block id -> why."""
+    def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
+        r = self._copy_in(store_ids, vids)
+        self._count_load(r, time.perf_counter() - t0)
+        ok = r.blocks - len(r.errors)
+        log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms", ok,
+                       ok * self.page_size >> 20, 1e3 * (time.perf_counter() - t0))
+
+    def _load_async(self, store_ids: list[bytes], vids: list[int]) -> LoadResult:
+        """An async load on the load thread; never raises (a failure fails its blocks)."""
+        t0 = time.perf_counter()
+        try:
+            if self._load_stream is None:
+                return self._copy_in(store_ids, vids)
+            with torch.cuda.stream(self._load_stream):
+                return self._copy_in(store_ids, vids)
+        except Exception as e:  # noqa: BLE001 - a failed load is recomputed by vLLM, never a crash
+            log_load.error("async load of %d blocks failed: %s: %s", len(vids), type(e).__name__, e)
+            return LoadResult(len(vids), {v: f"{type(e).__name__}: {e}" for v in vids},
+                              seconds=time.perf_counter() - t0)
+
+    IDLE_WAIT_S = 0.02
+
+    def _finished_loads(self) -> set[str]:
+        """Requests whose async loads are done; their failed blocks join this step's load errors.
+        In a step without a forward pass (nothing could run) it first waits up to IDLE_WAIT_S for one
+        to finish: the engine would otherwise spin through empty steps, holding the GIL the load
+        thread needs, and notice a finished load a step later."""
+        if self._async and not self._forward_ran:
+            wait(list(self._async.values()), timeout=self.IDLE_WAIT_S, return_when=FIRST_COMPLETED)
+        self._forward_ran = False
+        done = {r for r, fut in self._async.items() if fut.done()}
+        for req_id in done:
+            r = self._async.pop(req_id).result()
+            self._count_load(r, r.seconds, in_step=False)
+            ok = r.blocks - len(r.errors)
+            log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms", req_id, ok,
+                           ok * self.page_size >> 20, 1e3 * r.seconds)
+        return done
+
+    def _count_load(self, r: LoadResult, seconds: float, in_step: bool = True) -> None:
+        """Stats and load errors of a load. `in_step`: its blocks were used by this step's forward pass
+        (their requests' saves of the step are dropped)."""
+        n, errors = r.blocks, r.errors
+        self.stats.add(host_hit_blocks=r.host, ssd_hit_blocks=r.ssd, remote_hit_blocks=r.remote)
         if errors:
             self._load_errors |= set(errors)
-            self._step_failed |= set(errors)
+            if in_step:
+                self._step_failed |= set(errors)
             first = min(errors)
             log_load.warning("%d of %d blocks failed to load (vLLM recomputes them); first: vLLM block %d: %s",
                              len(errors), n, first, errors[first])
@@ -196,8 +266,8 @@ class WorkerSide:
                              len(unwaited), len(load.groups), len(lvids))
             errors = {i: "layer not awaited by the forward pass" for i in range(len(lvids))}
             self._layer_plan = None
-        self._count_load(len(lvids), {lvids[i]: why for i, why in errors.items()}, time.perf_counter() - t0)
-        self.stats.add(ssd_hit_blocks=len(lvids) - len(errors))
+        failed = {lvids[i]: why for i, why in errors.items()}
+        self._count_load(LoadResult(len(lvids), failed, ssd=len(lvids) - len(errors)), time.perf_counter() - t0)
         log_load.debug("read %d blocks (%d MiB) from SSD layer by layer, finished %.1f ms after the step began",
                        len(lvids) - len(errors), (len(lvids) - len(errors)) * self.page_size >> 20,
                        1e3 * (time.perf_counter() - t0))
@@ -212,6 +282,7 @@ class WorkerSide:
         """Hand this step's newly full blocks to the saver (saves.py). A request whose loads failed in
         this step saves nothing of it: its new KV attended to blocks that were not there."""
         self.finish_layered()
+        self._forward_ran = True
         event = self.saves.step_event() if self.saves is not None else None
         for rm in meta.requests:
             ids, vids = rm.dump_block_ids
@@ -246,10 +317,12 @@ class WorkerSide:
         if meta.preempted and self.saves is not None:
             self.saves.fence(meta.preempted)
 
-    def get_finished(self, finished_req_ids: set[str]) -> set[str]:
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        """(requests whose saves are all done, requests whose async loads are done)."""
         for r in finished_req_ids:
             self.request_metas.pop(r, None)  # every finished request, with or without saves
-        return self.saves.finished(finished_req_ids) if self.saves is not None else set()
+        saved = self.saves.finished(finished_req_ids) if self.saves is not None else set()
+        return saved, self._finished_loads()
 
     # ---- stats and shutdown -----------------------------------------------------------------------
     def take_stats(self) -> UCMConnectorStats | None:
@@ -272,6 +345,7 @@ class WorkerSide:
         self.journal.counters(rec, force)
 
     def shutdown(self) -> None:
+        self._async_pool.shutdown(wait=True)
         if self.saves is not None:
             self.saves.close()
         if self._access.opened:
