@@ -117,7 +117,7 @@ def ttft_rounds(n: int, rounds: int):
                 "ssd": {"path": os.path.join(root, "ssd"), "capacity": "8GiB"},
                 "transfer": {"layerwise_load": layerwise}}
 
-    host_only = {"host": {"capacity": "2GiB", "path": f"{shm}-kept", "keep_after_exit": True}}
+    host_only = {"host": {"capacity": "2GiB", "path": f"{shm}-kept", "keep_after_exit": True}, "ssd": None}
 
     ttft = {"mode": "ttft", "length": n, "prefix_caching": False}
     example = {"shared_storage_path": os.path.join(root, "example")}

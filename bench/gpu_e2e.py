@@ -220,10 +220,8 @@ def main() -> None:
     h2d, d2h = dma_ceiling()
 
     def ucm(root: str, host: str, gib: int, ssd: bool = True) -> dict:
-        cfg = {"host": {"capacity": f"{gib}GiB", "path": os.path.join(shm, host)}}
-        if ssd:
-            cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": f"{gib}GiB"}
-        return cfg
+        return {"host": {"capacity": f"{gib}GiB", "path": os.path.join(shm, host)},
+                "ssd": {"path": os.path.join(root, "ssd"), "capacity": f"{gib}GiB"} if ssd else None}
 
     ttft, batch = {}, {}
     if not args.no_ttft:

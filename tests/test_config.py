@@ -1,10 +1,12 @@
 """Configuration: units, paths, env override, and errors that name file, key and value."""
 
 import os
+import re
 
 import pytest
 
-from ucm.config import EMBEDDED_CONFIG, ConfigError, load_config, parse_size
+from ucm.config import EMBEDDED_CONFIG, ConfigError, embedded_defaults, load_config, merge, parse_size
+from ucm.integration.vllm.connector.config import connector_config
 from ucm.tiers import TieredStore
 
 
@@ -50,9 +52,10 @@ def test_sizes_with_units(text, sz):
     ("host: {capacity: 1GiB}\nio_threads: 0\n", "io_threads", "integer"),
     ("host: {capacity: 1GiB}\ntransfer: {gpu_mode: teleport}\n", "transfer.gpu_mode", "must be one of"),
     ("host: {capacity: 1GiB}\nssd: {path: '${UCM_SURELY_UNSET_VAR}/kv', capacity: 1GiB}\n", "ssd.path", "not set"),
-    ("host: {capacity: 1GiB}\nssd: {capacity: 1GiB}\n", "ssd.path", "missing"),
-    ("ssd: {path: /tmp/x, capacity: 1GiB}\nwrite_policy: write_back\n", "write_policy", "configure a `host`"),
-    ("io_threads: 2\n", "host", "at least one tier"),
+    ("host: {capacity: 1GiB}\nssd: {path: null, capacity: 1GiB}\n", "ssd.path", "missing"),
+    ("host: null\nssd: {path: /tmp/x, capacity: 1GiB}\nwrite_policy: write_back\n", "write_policy",
+     "configure a `host`"),
+    ("host: null\nssd: null\nio_threads: 2\n", "host", "at least one tier"),
     ("remote: {key_prefix: 'a:'}\n", "remote.url", "missing"),
     ("remote: {url: 'http://cache:6379'}\n", "remote.url", "scheme"),
     ("remote: {url: 'redis://:6379'}\n", "remote.url", "no host name"),
@@ -98,16 +101,16 @@ def test_unwritable_path_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("yaml_text,tiers", [
-    ("host: {capacity: 64MiB}\n", ("host",)),
-    ("ssd: {path: /tmp/x, capacity: 1GiB}\n", ("staging", "ssd")),
-    ("remote: {url: 'redis://10.0.0.5:6379/0'}\n", ("staging", "remote")),
-    ("host: {capacity: 64MiB}\nremote: {url: 'rediss://user:pw@10.0.0.5:6380/2'}\n", ("host", "remote")),
+    ("host: {capacity: 64MiB}\nssd: null\n", ("host",)),
+    ("host: null\nssd: {path: /tmp/x, capacity: 1GiB}\n", ("staging", "ssd")),
+    ("host: null\nssd: null\nremote: {url: 'redis://10.0.0.5:6379/0'}\n", ("staging", "remote")),
+    ("ssd: null\nremote: {url: 'rediss://user:pw@10.0.0.5:6380/2'}\n", ("host", "remote")),
     ("host: {capacity: 64MiB}\nssd: {path: /tmp/x, capacity: 1GiB}\n"
      "remote: {url: [redis://10.0.0.5:7000, redis://10.0.0.6:7000], cluster: true}\n", ("host", "ssd", "remote")),
 ])
 def test_tier_combinations(tmp_path, yaml_text, tiers):
-    """host-only, SSD-only, remote-only and stacked configurations are all valid; without a host section
-    a staging area of host memory carries pages to the lower tiers."""
+    """host-only, SSD-only, remote-only and stacked configurations are all valid (`null` removes the
+    default's tier); without a host section a staging area of host memory carries pages to the lower tiers."""
     cfg = load_config(write(tmp_path, yaml_text))
     got = ("staging" if cfg.host.staging else "host",) + tuple(t for t in ("ssd", "remote") if getattr(cfg, t))
     assert got == tiers
@@ -120,3 +123,84 @@ def test_remote_password_is_never_shown(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as ei:
         load_config(write(tmp_path, "remote: {url: 'http://user:s3cret-pw@a:1'}\n"))
     assert "s3cret-pw" not in str(ei.value) and "***" in str(ei.value)
+
+
+# ---- layers: embedded default, file, inline keys ------------------------------------------------------
+def test_a_file_holds_only_what_differs_from_the_default(tmp_path):
+    cfg = load_config(write(tmp_path, "ssd: {capacity: 200GiB}\ntransfer: {load_mode: async}\n"))
+    default = load_config(EMBEDDED_CONFIG)
+    assert cfg.ssd.capacity == 200 << 30 and cfg.ssd.path == default.ssd.path
+    assert cfg.host == default.host and cfg.transfer.gpu_mode == "staged" and cfg.transfer.load_mode == "async"
+
+
+def test_null_removes_a_key_or_a_section():
+    assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": None}, "d": None}) == {"a": {"c": 2}}
+    assert merge({"a": {"b": 1}}, {"a": 5}) == {"a": 5}, "a value replaces a section"
+    assert merge({"a": 1}, {"a": {"b": 2}}) == {"a": {"b": 2}}
+
+
+def test_inline_keys_override_the_file_which_overrides_the_default(tmp_path, monkeypatch):
+    p = write(tmp_path, f"host: {{capacity: 64MiB}}\nssd: {{path: {tmp_path}/kv, capacity: 1GiB}}\n")
+    cfg = connector_config({"UCM_CONFIG_FILE": str(p), "ssd": {"capacity": "2GiB"}, "io_threads": 2})
+    assert (cfg.host.capacity, cfg.ssd.path, cfg.ssd.capacity, cfg.io_threads) == (64 << 20, f"{tmp_path}/kv", 2 << 30, 2)
+    assert cfg.ssd.slab_size == 1 << 30, "from the embedded default"
+    monkeypatch.setenv("UCM_CONFIG_FILE", str(p))
+    assert connector_config({"ssd": None}).ssd is None and connector_config({}).host.capacity == 64 << 20
+    monkeypatch.delenv("UCM_CONFIG_FILE")
+    assert connector_config({"host": {"capacity": "8MiB"}}).ssd.capacity == 64 << 30, "inline alone: over the default"
+
+
+def test_an_error_names_the_layer_its_key_came_from(tmp_path):
+    p = write(tmp_path, "host: {capacity: 64MiB}\nssd: {capacity: lots}\n")
+    with pytest.raises(ConfigError) as ei:
+        connector_config({"UCM_CONFIG_FILE": str(p), "io_threads": 2})
+    assert str(p) in str(ei.value) and "'ssd.capacity'" in str(ei.value)
+    with pytest.raises(ConfigError) as ei:
+        connector_config({"UCM_CONFIG_FILE": str(p), "ssd": {"capacity": "1GiB"}, "io_threads": 0})
+    assert str(ei.value).startswith("kv_connector_extra_config: key 'io_threads'"), str(ei.value)
+
+
+# ---- docs/configuration.md's table against the code ---------------------------------------------------
+RENAMED = {"transfer.layer_read_size": "transfer.layer_read_bytes", "remote.batch_size": "remote.batch_bytes",
+           "remote.url": "remote.urls"}
+
+
+def _doc_defaults() -> dict[str, str]:
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "configuration.md")
+    rows = {}
+    for line in open(path):
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        if len(cells) >= 3 and cells[0].startswith("`"):
+            for key in re.findall(r"`([a-z_.]+)`", cells[0]):
+                rows[key] = cells[1].strip("`")
+    return rows
+
+
+def _as_documented(text: str, current):
+    if text in ("(none)", "null"):
+        return None
+    if isinstance(current, bool):
+        return {"true": True, "false": False}[text]
+    if isinstance(current, int) and re.search(r"[A-Za-z]", text):
+        return parse_size(text, "docs", "")
+    if isinstance(current, (int, float)):
+        return type(current)(text)
+    if isinstance(current, tuple):
+        return None if text == "(none)" else (text,)
+    return text
+
+
+def test_every_documented_default_is_the_real_one():
+    rows = _doc_defaults()
+    assert len(rows) >= 30, sorted(rows)
+    cfg = connector_config({"remote": {"url": "redis://a:1"}, "blend": {}})  # sections the default leaves out
+    raw = embedded_defaults()
+    for key, text in rows.items():
+        section, name = RENAMED.get(key, key).split(".") if "." in key else (None, key)
+        current = getattr(getattr(cfg, section), name) if section else getattr(cfg, name)
+        if key == "remote.url":
+            continue  # required: no default
+        if key == "ssd.path":
+            assert raw["ssd"]["path"] == text, key
+            continue
+        assert _as_documented(text, current) == current, f"docs/configuration.md says {key} = {text}, code: {current!r}"

@@ -170,3 +170,29 @@ def test_doctor_leaves_the_cache_as_it_found_it(tmp_path):
     after = _files(tmp_path)
     assert sorted(after) == sorted(snapshot), f"files changed: {set(after) ^ set(snapshot)}"
     assert all(after[p] == snapshot[p] for p in snapshot), [p for p in snapshot if after[p] != snapshot[p]]
+
+
+def test_stats_lists_tiers_and_processes_running_first_by_pid(tmp_path, capsys):
+    """`ucm stats` (and --json): the SSD tier's blocks, and the journal's processes with their start
+    times; this test's own process (which saved through real connectors) is the running one."""
+    import json
+
+    from ucm.tools.stats import collect, main as stats_main
+
+    ids = _save(tmp_path, A)
+    data = collect(from_dict(_cfg(tmp_path), source="test"))
+    ssd = [t for t in data["tiers"] if t["tier"] == "ssd" and t.get("exists")]
+    assert ssd and ssd[0]["blocks"] == len(ids) and ssd[0]["unflushed"] == 0
+    procs = data["processes"]
+    assert {p["role"] for p in procs} >= {"scheduler", "worker0"}
+    assert all(p["alive"] and p["pid"] == os.getpid() and p["started"] <= p["time"] for p in procs)
+    worker = next(p for p in procs if p["role"] == "worker0")
+    assert worker["connector"]["saved_blocks"] == len(ids) and worker["store"]["flushed_blocks"] == len(ids)
+    cfg = tmp_path / "ucm.yaml"
+    cfg.write_text(json.dumps(_cfg(tmp_path)))  # JSON is YAML
+    capsys.readouterr()
+    assert stats_main(str(cfg), as_json=True) == 0
+    assert json.loads(capsys.readouterr().out)["processes"][0]["pid"] == os.getpid()
+    assert stats_main(str(cfg)) == 0
+    text = capsys.readouterr().out
+    assert f"worker0 pid {os.getpid()} [RUNNING, started " in text and f"saved {len(ids)}" in text, text

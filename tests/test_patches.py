@@ -138,11 +138,13 @@ def test_verify_with_patches_disabled_and_with_a_broken_config(tmp_path):
         in p.stdout
     assert "3. Attention patch: DISABLED" in p.stdout and "Decoder layer patch (Llama family): DISABLED" in p.stdout
     assert p.returncode == 0 and "0 failed, 4 warnings" in p.stdout, p.stdout
+    assert "1. Import Hook: DISABLED (UCM_DISABLE_PATCHES=1)   <- WARNING\n" in p.stdout, "each warning is marked"
+    assert "\nwarnings: Import Hook, " in p.stdout
     bad = tmp_path / "bad.yaml"
     bad.write_text("host: {capacity: 64, path: /tmp/x}\n")
     p = subprocess.run(VERIFY[:-1] + ["--config", str(bad), "verify"], capture_output=True, text=True, timeout=300)
     assert p.returncode == 1
-    assert "Config: ERROR" in p.stdout and "host.capacity" in p.stdout
+    assert "Config: ERROR" in p.stdout and "host.capacity" in p.stdout and "<- FAILED" in p.stdout
 
 
 def test_verify_when_vllm_was_imported_before_ucm():

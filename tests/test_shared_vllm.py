@@ -45,11 +45,8 @@ def expected(prompts):
 
 
 def instance(root, tag: str, *, remote=None, ssd=None, host=True) -> dict:
-    cfg = {}
-    if host:
-        cfg["host"] = {"capacity": "256MiB", "path": os.path.join(root, f"host-{tag}")}
-    if ssd:
-        cfg["ssd"] = {"path": ssd, "capacity": "1GiB"}
+    cfg = {"host": {"capacity": "256MiB", "path": os.path.join(root, f"host-{tag}")} if host else None,
+           "ssd": {"path": ssd, "capacity": "1GiB"} if ssd else None}  # null: the default's tier off
     if remote:
         cfg["remote"] = {"timeout_ms": 500, "reconnect_max_ms": 500, **remote}
     return {"kv_connector": "UCMConnector", "extra": cfg}

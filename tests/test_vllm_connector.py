@@ -7,6 +7,8 @@ vLLM's own prefix-cache reuse at the same split (bf16), or of the no-cache basel
 import functools
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -64,6 +66,11 @@ def test_cold_then_warm_in_a_fresh_process_is_identical(stored_a):
     assert m.get(EXT) == A_BLOCKS * BLOCK, f"vLLM counted {m.get(EXT)} external tokens"
     assert m.get(DISK) == A_BLOCKS * BLOCK, "the hits must come from the SSD tier"
     assert warm["phases"][0][0]["num_cached_tokens"] == A_BLOCKS * BLOCK
+    # ucm's own series in vLLM's Prometheus registry (connector/prom.py)
+    assert cold["phase_metrics"][0].get("vllm:ucm_saved_blocks") == A_BLOCKS
+    assert cold["phase_metrics"][0].get("vllm:ucm_saved_bytes", 0) > 0
+    assert m.get("vllm:ucm_loaded_tokens") == A_BLOCKS * BLOCK and m.get("vllm:ucm_load_errors", 0) == 0
+    assert m.get("vllm:ucm_hit_blocks{tier=ssd}") == A_BLOCKS and m.get("vllm:ucm_hit_blocks{tier=host}", 0) == 0
     assert "SSD hits load layer by layer in" in warm["log"] and "straight into the KV cache" in warm["log"], \
         "the KV cache allocation patch makes SSD reads land in the KV cache"
     assert_identical(warm["phases"][0], ref["phases"][1])
@@ -205,6 +212,29 @@ def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split
     third = run_vllm([[A]], connector=warm_connector(work, "third", False))
     assert third["phase_metrics"][0].get(EXT) == A_BLOCKS * BLOCK, "the recomputed blocks must be stored again"
     assert_identical(third["phases"][0], ref["phases"][1])
+
+
+BAD_CONFIG = """
+from vllm import LLM
+from vllm.config import KVTransferConfig
+try:
+    LLM(model=MODEL, max_model_len=512, kv_transfer_config=KVTransferConfig(kv_connector="UCMConnector",
+        kv_role="kv_both", kv_connector_extra_config={"host": {"capacity": "64MiB", "colour": "blue"}}))
+except Exception as e:
+    print("RAISED", type(e).__name__, str(e).splitlines()[0])
+"""
+
+
+def test_a_wrong_key_fails_before_the_engine_starts():
+    """The plugin checks ucm's configuration when vLLM builds the engine config: one ConfigError
+    naming the layer, key and value, before any engine process or model load."""
+    from vllm_harness import model_path
+
+    p = subprocess.run([sys.executable, "-c", BAD_CONFIG.replace("MODEL", repr(model_path()))],
+                       capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert "RAISED ConfigError kv_connector_extra_config: key 'host.colour': unknown key" in out, out[-3000:]
+    assert "Starting to load model" not in out and "EngineCore" not in out, out[-3000:]
 
 
 def test_kv_role_consumer_only_loads_and_producer_only_saves(ref, stored_a, tmp_path):

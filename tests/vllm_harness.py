@@ -41,8 +41,8 @@ def prompt_tokens(n: int, offset: int = 0) -> list[int]:
 def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", module_path: bool = False,
                   name: str = "UCMConnector", **extra) -> dict:
     cfg = {"host": {"capacity": host, "path": os.path.join(root, "host")}}
-    if ssd:
-        cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd}
+    # inline keys merge over the embedded default (docs/configuration.md): null turns its SSD tier off
+    cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd} if ssd else None
     cfg.update(extra)
     c = {"kv_connector": name, "extra": cfg}
     if module_path:

@@ -31,7 +31,7 @@ def _metric_values(llm) -> dict:
     for m in llm.get_metrics():
         if not hasattr(m, "value"):
             continue
-        labels = ",".join(f"{k}={v}" for k, v in sorted(m.labels.items()) if k in ("source",))
+        labels = ",".join(f"{k}={v}" for k, v in sorted(m.labels.items()) if k in ("source", "tier"))
         out[f"{m.name}{{{labels}}}" if labels else m.name] = m.value
     return out
 

@@ -30,7 +30,7 @@ class ConfigError(ValueError):
     """A configuration value is wrong; the message names file, key and value."""
 
     def __init__(self, source: str, key: str, value: Any, problem: str):
-        self.source, self.key, self.value = source, key, value
+        self.source, self.key, self.value, self.problem = source, key, value, problem
         super().__init__(f"{source}: key '{key}': {problem} (got {value!r})")
 
 
@@ -344,10 +344,51 @@ def _remote(section: Any, source: str) -> RemoteTierConfig:
     )
 
 
-def load_config(path: str | os.PathLike | None = None) -> UCMConfig:
-    """Load and validate a YAML file: `path`, else $UCM_CONFIG_FILE, else the embedded default."""
-    if path is None:
-        path = os.environ.get(CONFIG_ENV) or EMBEDDED_CONFIG
+def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    """`override` over `base`, key by key: mappings merge recursively, any other value replaces, and a
+    key set to null (YAML `~`/`null`, Python None) is removed (`ssd: null` turns the SSD tier off)."""
+    out = dict(base)
+    for key, value in override.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def embedded_defaults() -> dict[str, Any]:
+    """The embedded default configuration (configs/ucm_config.yaml) as a mapping."""
+    return read_yaml(EMBEDDED_CONFIG)
+
+
+def layered(*layers: tuple[Mapping[str, Any], str]) -> UCMConfig:
+    """Validate the embedded default with each (mapping, source) merged over it in turn; an error names
+    the source of the last layer (where a user's key came from)."""
+    data, sources = embedded_defaults(), [({}, str(EMBEDDED_CONFIG))]
+    for layer, where in layers:
+        data = merge(data, _mapping(layer, where, "<top level>"))
+        sources.append((layer, where))
+    try:
+        return from_dict(data, sources[-1][1])
+    except ConfigError as e:  # name the layer that set the key (the last one for a missing key)
+        where = next((w for layer, w in reversed(sources) if _has_key(layer, e.key)), sources[-1][1])
+        if where == e.source:
+            raise
+        raise ConfigError(where, e.key, e.value, e.problem) from None
+
+
+def _has_key(data: Mapping[str, Any], dotted: str) -> bool:
+    for part in dotted.split("."):
+        if not isinstance(data, Mapping) or part not in data:
+            return False
+        data = data[part]
+    return True
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """A YAML file's top-level mapping; errors name the file (and line and column)."""
     source = str(path)
     try:
         text = Path(path).read_text()
@@ -361,7 +402,17 @@ def load_config(path: str | os.PathLike | None = None) -> UCMConfig:
         raise ConfigError(source, "<yaml>", where, f"not valid YAML: {getattr(e, 'problem', e)}") from e
     if data is None:
         raise ConfigError(source, "<top level>", None, "the file is empty")
-    return from_dict(data, source)
+    return _mapping(data, source, "<top level>")
+
+
+def load_config(path: str | os.PathLike | None = None) -> UCMConfig:
+    """The configuration of a YAML file (`path`, else $UCM_CONFIG_FILE) merged over the embedded
+    default (`merge`); with neither, the embedded default."""
+    if path is None:
+        path = os.environ.get(CONFIG_ENV)
+    if path is None or Path(path).resolve() == EMBEDDED_CONFIG.resolve():
+        return from_dict(embedded_defaults(), str(EMBEDDED_CONFIG))
+    return layered((read_yaml(path), str(path)))
 
 
 def make_private_dirs(path: str) -> None:

@@ -71,8 +71,7 @@ def run(phases, **kw) -> dict:
 def connector(root: str, *, host: str = "1GiB", ssd: str | None = "4GiB", host_dir: str = "host",
               module_path: bool = False, **extra) -> dict:
     cfg = {"host": {"capacity": host, "path": os.path.join(root, host_dir)}}
-    if ssd:
-        cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd}
+    cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd} if ssd else None  # null: no SSD tier
     cfg.update(extra)
     c = {"kv_connector": "UCMConnector", "extra": cfg}
     if module_path:

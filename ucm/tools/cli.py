@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--tokens", type=int, default=2000)
     demo.add_argument("--prompts", type=int, default=2)
     sub.add_parser("store-demo", help="dump, flush and reload blocks through the tiers (no vLLM)")
-    sub.add_parser("stats", help="blocks and bytes per tier")
+    st = sub.add_parser("stats", help="blocks and bytes per tier; each process's hits, transfers and errors")
+    st.add_argument("--json", action="store_true", help="one JSON object (for scripts)")
     sub.add_parser("verify", help="patches, connector registration, config, storage, hash determinism")
     doc = sub.add_parser("doctor", help="why a prompt does not hit: where each block is, likely reasons")
     src = doc.add_mutually_exclusive_group(required=True)
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "stats":
         from ucm.tools.stats import main as stats_main
 
-        return stats_main(args.config)
+        return stats_main(args.config, as_json=args.json)
     if args.cmd == "doctor":
         return _doctor(args)
     if args.cmd == "verify":

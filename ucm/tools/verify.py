@@ -29,7 +29,8 @@ class Check:
     detail: str = ""
 
     def line(self, n: int) -> str:
-        return f"{n}. {self.title}: {self.status}" + (f" ({self.detail})" if self.detail else "")
+        mark = {"warn": "   <- WARNING", "fail": "   <- FAILED"}.get(self.level, "")
+        return f"{n}. {self.title}: {self.status}" + (f" ({self.detail})" if self.detail else "") + mark
 
 
 def _patch_checks() -> list[Check]:
@@ -174,4 +175,7 @@ def main(config_path: str | None = None) -> int:
     warn = [c.title for c in checks if c.level == "warn"]
     fail = [c.title for c in checks if c.level == "fail"]
     print(f"\n=== Verification Complete: {len(fail)} failed, {len(warn)} warnings ===")
+    for what, titles in (("failed", fail), ("warnings", warn)):
+        if titles:
+            print(f"{what}: {', '.join(titles)}")
     return code

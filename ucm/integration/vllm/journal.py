@@ -44,6 +44,7 @@ class Journal:
         self.dir = journal_dir(storage_path)
         self.counters_path = os.path.join(self.dir, f"{role}-{os.getpid()}.json")
         self._lookups = None
+        self._started = time.time()  # unix seconds: when this process opened the journal
         self._last_counters = 0.0
         self._broken = False
         try:
@@ -88,7 +89,7 @@ class Journal:
         tmp = self.counters_path + ".tmp"
         try:
             with _private(tmp, "w") as f:
-                json.dump({"pid": os.getpid(), "time": time.time(), **data}, f)
+                json.dump({"pid": os.getpid(), "started": self._started, "time": time.time(), **data}, f)
             os.replace(tmp, self.counters_path)
         except OSError as e:
             self._disable(e)

@@ -187,6 +187,13 @@ class UCMDirectConnector(KVConnectorBase_V1):
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> UCMConnectorStats:
         return UCMConnectorStats(data=dict(data or {}))
 
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        """ucm's counters in vLLM's Prometheus registry (connector/prom.py names them)."""
+        from ucm.integration.vllm.connector.prom import UCMPromMetrics
+
+        return UCMPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+
     def shutdown(self):
         (self.scheduler or self.worker).shutdown()
 
