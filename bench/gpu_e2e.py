@@ -296,7 +296,10 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
              f"{datetime.date.today()}. Llama-3-8B shapes, dummy weights, block 16, bf16, eager; TTFT one request "
              f"at a time (median of {args.prompts} prompts); each configuration one fresh process.",
              f"Command: `python3 bench/gpu_e2e.py --lengths {' '.join(map(str, args.lengths))} --prompts {args.prompts}"
-             f"{' --ablations' if args.ablations else ''}` on the GPU machine (tests/gpu/README.md for the vLLM bundle).",
+             f"{' --ablations' if args.ablations else ''}"
+             f"{' --results ' + args.results if args.results != 'gpu_e2e.md' else ''}"
+             f"{' --only ' + ' '.join(repr(o) for o in args.only) if args.only else ''}` on the GPU machine "
+             "(tests/gpu/README.md for the vLLM bundle).",
              f"Ceilings measured in the same run: pinned DMA host->GPU {h2d:.1f} GB/s, GPU->host {d2h:.1f} GB/s "
              f"(1 GiB); disk O_DIRECT read {ddr:.2f} GB/s, write {ddw:.2f} GB/s (dd, 4 GiB)."]
     if ttft:

@@ -3,16 +3,11 @@ never served: a normal close, an exit that skips atexit, SIGKILL, vLLM in either
 of an OpenAI-compatible server; a tier whose users all died without cleaning up is dropped by the next
 opener rather than served against an SSD tier that no longer has its blocks."""
 
-import json
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 
 import pytest
 
@@ -119,50 +114,16 @@ def test_nothing_of_the_host_tier_is_left_after_vllm_exits(shm_root, mp):
     assert _wait_gone(shm_root) == []
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.vllm
 def test_nothing_of_the_host_tier_is_left_after_the_server_gets_sigterm(shm_root):
     """vLLM's OpenAI-compatible server with the connector, one request, then SIGTERM."""
-    from vllm_harness import model_path, prompt_tokens, ucm_connector
+    from serving import Server
+    from vllm_harness import prompt_tokens, ucm_connector
 
-    port = _free_port()
-    extra = ucm_connector(shm_root)["extra"]
-    ktc = {"kv_connector": "UCMConnector", "kv_role": "kv_both", "kv_connector_extra_config": extra}
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_path(), "--port", str(port),
-           "--host", "127.0.0.1", "--block-size", "32", "--enforce-eager", "--max-model-len", "2048",
-           "--kv-cache-memory-bytes", str(256 << 20), "--no-enable-prefix-caching",
-           "--kv-transfer-config", json.dumps(ktc)]
-    env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0", VLLM_LOGGING_LEVEL="WARNING")
-    log = tempfile.TemporaryFile("w+")  # the server's output, for the failure message
-    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            assert server.poll() is None, "the server died at start-up"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "the server did not come up"
-                time.sleep(1)
-        body = json.dumps({"model": model_path(), "prompt": prompt_tokens(300, 1000), "max_tokens": 4}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
-                                     {"Content-Type": "application/json"})
-        out = json.loads(urllib.request.urlopen(req, timeout=120).read())
-        assert out["choices"][0]["text"] is not None
+    with Server(ucm_connector(shm_root)["extra"], prefix_caching=False) as server:
+        server.wait_ready()
+        assert server.complete(prompt_tokens(300, 1000)) is not None
         assert _left(shm_root), "the server holds a host tier"
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
-    finally:
-        if server.poll() is None:
-            server.kill()
-            server.wait()
-        log.seek(0)
-        tail = log.read()[-4000:]
-        log.close()
+        server.stop()
+        tail = server.tail()
     assert _wait_gone(shm_root) == [], tail

@@ -187,22 +187,30 @@ def test_a_corrupted_store_heals_in_the_request_that_found_the_damage(ref, store
     assert_identical(third["phases"][0], ref["phases"][1])
 
 
-def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split4, stored_a, tmp_path):
+@pytest.fixture(scope="module")
+def stored_a_alone(tmp_path_factory):
+    """A store holding prompt A and nothing else (other tests add C's blocks to stored_a's)."""
+    root = str(tmp_path_factory.mktemp("a-alone"))
+    run_vllm([[A]], connector=ucm_connector(root))
+    return root
+
+
+def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split4, stored_a_alone, tmp_path):
     """transfer.load_mode: async (the GPU build's default under async scheduling): vLLM holds each request
     until its load is done. SSD hits, then host-tier hits of a prompt extending A, are identical to vLLM's
     own reuse; with block 4 truncated, blocks 0-3 load, vLLM recomputes from block 4 before the request
     runs (identical to reusing 4 blocks), the recomputed blocks are stored, and a third process hits all."""
-    root, mp, _ = stored_a
-    if mp:
-        pytest.skip("async loads are checked in single-process mode")
-    warm = run_vllm([[A], [C]], connector=warm_connector(root, "async", mp, transfer={"load_mode": "async"}))
+    root = stored_a_alone
+    warm_root = str(tmp_path / "warm")  # a copy: C's blocks saved here stay out of stored_a_alone
+    shutil.copytree(os.path.join(root, "ssd"), os.path.join(warm_root, "ssd"))
+    warm = run_vllm([[A], [C]], connector=warm_connector(warm_root, "async", False, transfer={"load_mode": "async"}))
     assert "loads asynchronous (transfer.load_mode: async)" in warm["log"]
     assert [m.get(EXT) for m in warm["phase_metrics"]] == [A_BLOCKS * BLOCK] * 2
     assert warm["phase_metrics"][0].get(DISK) == A_BLOCKS * BLOCK
     assert warm["phase_metrics"][1].get(HOST) == A_BLOCKS * BLOCK
     assert_identical(warm["phases"][0], ref["phases"][1])
     assert_identical(warm["phases"][1], ref["phases"][3])
-    work = str(tmp_path)
+    work = str(tmp_path / "damaged")
     tier, slots = _damaged_copy(root, work)
     path, off = slot_place(tier, slots[4])
     os.truncate(path, off + 512)
@@ -237,12 +245,10 @@ def test_a_wrong_key_fails_before_the_engine_starts():
     assert "Starting to load model" not in out and "EngineCore" not in out, out[-3000:]
 
 
-def test_kv_role_consumer_only_loads_and_producer_only_saves(ref, stored_a, tmp_path):
+def test_kv_role_consumer_only_loads_and_producer_only_saves(ref, stored_a_alone, tmp_path):
     """kv_role kv_consumer: C hits A's stored blocks and stores none of its own; kv_producer: A is
     computed cold (no lookup hits) although the store has it."""
-    root, mp, _ = stored_a
-    if mp:
-        pytest.skip("roles are checked in single-process mode")
+    root = stored_a_alone
     work = str(tmp_path)
     tier, slots = _damaged_copy(root, work)  # an undamaged copy
     consumer = {**warm_connector(work, "consumer", False), "kv_role": "kv_consumer"}
