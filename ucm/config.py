@@ -365,7 +365,7 @@ def embedded_defaults() -> dict[str, Any]:
 
 def layered(*layers: tuple[Mapping[str, Any], str]) -> UCMConfig:
     """Validate the embedded default with each (mapping, source) merged over it in turn; an error names
-    the source of the last layer (where a user's key came from)."""
+    the last layer that set its key (the last layer for a key missing everywhere)."""
     data, sources = embedded_defaults(), [({}, str(EMBEDDED_CONFIG))]
     for layer, where in layers:
         data = merge(data, _mapping(layer, where, "<top level>"))
