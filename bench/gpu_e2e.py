@@ -146,24 +146,29 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     return res
 
 
-def summarize_profile(raw: str, top: int = 12) -> dict:
-    """Share of samples per thread, and the main thread's heaviest ucm/vllm frames (self + children)."""
-    threads, main_frames = collections.Counter(), collections.Counter()
-    total = 0
+BLOCKING = ("Event.synchronize", "Stream.synchronize", "Condition.wait", "FileSlots.write", "_report_continuous_usage")  # leaves that wait
+
+
+def summarize_profile(raw: str) -> dict:
+    """From py-spy's raw stacks (every thread, idle included): the engine (main) thread's samples split
+    into GPU waits and its own Python, and per other thread the samples outside a blocking call (the
+    ones that may hold the GIL the engine thread needs)."""
+    main = {"samples": 0, "gpu_waits": 0, "python": 0}
+    busy: collections.Counter = collections.Counter()
     with open(raw) as f:
         for line in f:
             stack, _, n = line.rstrip().rpartition(" ")
             if not n.isdigit():
                 continue
-            n = int(n)
-            frames = stack.split(";")
-            thread = frames[0]
-            threads[thread] += n
-            total += n
-            if "MainThread" in thread or "main" in thread.lower():
-                for fr in set(fr.split(" (")[0] for fr in frames[1:] if "ucm/" in fr or "kv_connector" in fr):
-                    main_frames[fr] += n
-    return {"samples": total, "threads": threads.most_common(top), "main_thread_ucm_frames": main_frames.most_common(top)}
+            frames, n = stack.split(";"), int(n)
+            thread, leaf = frames[0].split(": ")[-1], frames[-1].split(" (")[0]
+            blocked = any(b in leaf for b in BLOCKING)
+            if thread == "MainThread":
+                main["samples"] += n
+                main["gpu_waits" if leaf.endswith("synchronize") else "python"] += n
+            elif not blocked:
+                busy[thread] += n
+    return {"main_thread": main, "other_threads_outside_blocking_calls": dict(busy.most_common())}
 
 
 # ---- ceilings --------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ before the request runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -83,7 +84,7 @@ class WorkerSide:
         self._layer_pool = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="ucm-layers")
         self._async: dict[str, Future] = {}  # request -> its async load (a LoadResult), until reported
         self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="ucm-load")
-        self._load_stream = None  # a GPU's stream for async loads
+        self._load_stream = None  # a GPU's stream for async loads (register_kv_caches)
         self._forward_ran = False  # this step ran a forward pass (wait_for_save was called)
 
     @property
@@ -189,7 +190,8 @@ class WorkerSide:
 
     def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
         r = self._copy_in(store_ids, vids)
-        self._count_load(r, time.perf_counter() - t0)
+        r.seconds = time.perf_counter() - t0
+        self._count_load(r)
         ok = r.blocks - len(r.errors)
         log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms", ok,
                        ok * self.page_size >> 20, 1e3 * (time.perf_counter() - t0))
@@ -198,9 +200,7 @@ class WorkerSide:
         """An async load on the load thread; never raises (a failure fails its blocks)."""
         t0 = time.perf_counter()
         try:
-            if self._load_stream is None:
-                return self._copy_in(store_ids, vids)
-            with torch.cuda.stream(self._load_stream):
+            with torch.cuda.stream(self._load_stream) if self._load_stream else contextlib.nullcontext():
                 return self._copy_in(store_ids, vids)
         except Exception as e:  # noqa: BLE001 - a failed load is recomputed by vLLM, never a crash
             log_load.error("async load of %d blocks failed: %s: %s", len(vids), type(e).__name__, e)
@@ -220,13 +220,13 @@ class WorkerSide:
         done = {r for r, fut in self._async.items() if fut.done()}
         for req_id in done:
             r = self._async.pop(req_id).result()
-            self._count_load(r, r.seconds, in_step=False)
+            self._count_load(r, in_step=False)
             ok = r.blocks - len(r.errors)
             log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms", req_id, ok,
                            ok * self.page_size >> 20, 1e3 * r.seconds)
         return done
 
-    def _count_load(self, r: LoadResult, seconds: float, in_step: bool = True) -> None:
+    def _count_load(self, r: LoadResult, in_step: bool = True) -> None:
         """Stats and load errors of a load. `in_step`: its blocks were used by this step's forward pass
         (their requests' saves of the step are dropped)."""
         n, errors = r.blocks, r.errors
@@ -240,7 +240,7 @@ class WorkerSide:
                              len(errors), n, first, errors[first])
         ok = n - len(errors)
         self.stats.add(loaded_blocks=ok, load_errors=len(errors), hit_tokens=ok * self.block_size,
-                       load_bytes=ok * self.page_size, load_seconds=seconds)
+                       load_bytes=ok * self.page_size, load_seconds=r.seconds)
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         if self._layered is None:
@@ -267,7 +267,7 @@ class WorkerSide:
             errors = {i: "layer not awaited by the forward pass" for i in range(len(lvids))}
             self._layer_plan = None
         failed = {lvids[i]: why for i, why in errors.items()}
-        self._count_load(LoadResult(len(lvids), failed, ssd=len(lvids) - len(errors)), time.perf_counter() - t0)
+        self._count_load(LoadResult(len(lvids), failed, ssd=len(lvids) - len(errors), seconds=time.perf_counter() - t0))
         log_load.debug("read %d blocks (%d MiB) from SSD layer by layer, finished %.1f ms after the step began",
                        len(lvids) - len(errors), (len(lvids) - len(errors)) * self.page_size >> 20,
                        1e3 * (time.perf_counter() - t0))
