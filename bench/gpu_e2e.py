@@ -12,10 +12,12 @@ configuration. Each configuration is one fresh process, which runs every prompt 
 TTFT = wall time of generate(max_tokens=1) of one prompt, median over the prompts. Throughput: 64
 prompts of 2K tokens and 64 generated tokens each in one generate call, (prompt + generated tokens)/s;
 the first batch of a process warms up and a second, different batch is timed (ucm warm: that batch
-again, all from the host tier). The cold-store cost is split by ablation, each its own process: ucm
-with kv_role kv_consumer (lookups, no saves), with a host tier only (saves, no SSD writes), and whole;
-`--profile` samples the timed batch of `plain` and `ucm` with py-spy (`--py-spy PATH`), stacks under
-$OUT. Ceilings in the same run: pinned host<->GPU DMA of 1 GiB, the disk's O_DIRECT read and write (dd).
+again, all from the host tier). The cold-store cost is split by ablation (`--ablations`), each its own process: ucm
+with kv_role kv_consumer (lookups, no saves), with a host tier only (saves, no SSD writes), with SSD
+writes from threads of the engine's process (`ssd.writer: thread`, the design before), with a 0.5 ms
+GIL switch interval, and (with py-spy) whole under a `--gil` profile. Each batch configuration also times
+a prefill-only batch (new prompts, one token each). `--py-spy PATH` samples the timed batch of `plain`
+and `ucm` (`--profile idle|native|gil`), stacks under $OUT. Ceilings in the same run: pinned host<->GPU DMA of 1 GiB, the disk's O_DIRECT read and write (dd).
 
 Run there: python3 bench/gpu_e2e.py [--lengths 2000 8000 32000] [--prompts 4] [--disk /tmp]
 """
@@ -65,6 +67,8 @@ def child(spec: dict) -> dict:
     if spec.get("connector"):
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector=spec["connector"], kv_role=spec.get("role", "kv_both"),
                                                     kv_connector_extra_config=spec.get("extra") or {})
+    if spec.get("switch_interval"):
+        sys.setswitchinterval(spec["switch_interval"])  # an experiment: how long a GIL waiter waits to demand it
     llm = LLM(**kw)
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
     llm.generate([TokensPrompt(prompt_token_ids=list(range(100, 164)))], one, use_tqdm=False)  # warm-up
@@ -85,7 +89,7 @@ def child(spec: dict) -> dict:
                 times.append(time.perf_counter() - t)
             out["phases"].append({"ttft": times})
         else:
-            params = SamplingParams(max_tokens=BATCH_GEN, temperature=0.0, ignore_eos=True)
+            params = SamplingParams(max_tokens=phase.get("gen", BATCH_GEN), temperature=0.0, ignore_eos=True)
             t = time.perf_counter()
             res = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ps], params, use_tqdm=False)
             dt = time.perf_counter() - t
@@ -109,8 +113,13 @@ def _external(llm) -> int:
 ONLY: set[str] = set()  # --only: the configurations to run (names as in the log); empty: all
 
 
+PROFILE_FLAGS = {"idle": ["--idle"], "native": ["--idle", "--native"], "gil": ["--gil"]}
+
+
 def run(spec: dict, log, py_spy: str | None = None) -> dict:
-    """One configuration in a fresh process; with `py_spy`, its marked phase is sampled (raw stacks)."""
+    """One configuration in a fresh process; with `py_spy`, its marked phase is sampled (raw stacks):
+    spec["profile"] "idle" (every thread, waits included; the default), "native" (also C frames: GIL and
+    driver waits show) or "gil" (only the thread that holds the GIL in each sample)."""
     if ONLY and spec["name"] not in ONLY:
         return {"skipped": True}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
@@ -123,7 +132,8 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     for line in proc.stdout:
         lines.append(line)
         if py_spy and line.startswith("GPU-E2E-MARK ") and spy is None and not line.startswith("GPU-E2E-MARK end"):
-            spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--rate", "100", "--threads", "--idle",
+            flags = PROFILE_FLAGS[spec.get("profile", "idle")]
+            spy = subprocess.Popen([py_spy, "record", "--pid", str(proc.pid), "--rate", "100", "--threads", *flags,
                                     "--nonblocking", "--format", "raw", "--output", raw],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         if spy is not None and line.startswith("GPU-E2E-MARK end"):
@@ -146,14 +156,16 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     return res
 
 
-BLOCKING = ("Event.synchronize", "Stream.synchronize", "Condition.wait", "FileSlots.write", "_report_continuous_usage")  # leaves that wait
+BLOCKING = ("Event.synchronize", "Stream.synchronize", "Condition.wait", "FileSlots.write", "_report_continuous_usage",
+            "page_checksum", "_populate", "posix_fallocate")  # calls that wait, or run without the GIL
 
 
 def summarize_profile(raw: str) -> dict:
-    """From py-spy's raw stacks (every thread, idle included): the engine (main) thread's samples split
-    into GPU waits and its own Python, and per other thread the samples outside a blocking call (the
-    ones that may hold the GIL the engine thread needs)."""
-    main = {"samples": 0, "gpu_waits": 0, "python": 0}
+    """From py-spy's raw stacks: the engine (main) thread's samples split into GPU waits, GIL waits (C
+    frames, `native` profiles only) and its own Python; per other thread the samples outside a blocking
+    call (`idle`, `native`: the ones that may hold the GIL) or, for a `gil` profile, every sample (there
+    only the GIL's holder is sampled)."""
+    main = {"samples": 0, "gpu_waits": 0, "gil_waits": 0, "python": 0}
     busy: collections.Counter = collections.Counter()
     with open(raw) as f:
         for line in f:
@@ -161,11 +173,13 @@ def summarize_profile(raw: str) -> dict:
             if not n.isdigit():
                 continue
             frames, n = stack.split(";"), int(n)
-            thread, leaf = frames[0].split(": ")[-1], frames[-1].split(" (")[0]
-            blocked = any(b in leaf for b in BLOCKING)
+            thread = frames[0].split(": ")[-1]
+            names = [fr.split(" (")[0] for fr in frames[1:]]
+            blocked = any(b in name for name in names for b in BLOCKING)
             if thread == "MainThread":
                 main["samples"] += n
-                main["gpu_waits" if leaf.endswith("synchronize") else "python"] += n
+                gil = any(w in name for name in names[-4:] for w in ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread"))
+                main["gil_waits" if gil else "gpu_waits" if any(x.endswith("synchronize") for x in names) else "python"] += n
             elif not blocked:
                 busy[thread] += n
     return {"main_thread": main, "other_threads_outside_blocking_calls": dict(busy.most_common())}
@@ -203,8 +217,9 @@ def main() -> None:
     ap.add_argument("--disk", default="/tmp")
     ap.add_argument("--no-ttft", action="store_true")
     ap.add_argument("--no-batch", action="store_true")
-    ap.add_argument("--ablations", action="store_true", help="also the kv_consumer and host-only ucm batches")
+    ap.add_argument("--ablations", action="store_true", help="also the ucm batches that split the cold-store cost")
     ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
+    ap.add_argument("--profile", default="idle", choices=sorted(PROFILE_FLAGS), help="py-spy's mode for plain and ucm")
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
     ap.add_argument("--only", nargs="+", default=[], help='configurations to run, e.g. "batch ucm" "ttft offload"')
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.log"))
@@ -224,9 +239,9 @@ def main() -> None:
     base = {"model": model, "kv_bytes": 48 << 30, "max_len": maxlen}
     h2d, d2h = dma_ceiling()
 
-    def ucm(root: str, host: str, gib: int, ssd: bool = True) -> dict:
+    def ucm(root: str, host: str, gib: int, ssd: bool = True, writer: str = "process") -> dict:
         return {"host": {"capacity": f"{gib}GiB", "path": os.path.join(shm, host)},
-                "ssd": {"path": os.path.join(root, "ssd"), "capacity": f"{gib}GiB"} if ssd else None}
+                "ssd": {"path": os.path.join(root, "ssd"), "capacity": f"{gib}GiB", "writer": writer} if ssd else None}
 
     ttft, batch = {}, {}
     if not args.no_ttft:
@@ -252,28 +267,31 @@ def main() -> None:
         root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
         gib = (2 * BATCH * BATCH_LEN * KV_PER_TOKEN >> 30) + 2
         bt = lambda seed, **kw: {"kind": "batch", "n": BATCH, "length": BATCH_LEN, "seed": seed, **kw}  # noqa: E731
-        spy = args.py_spy
-        batch["plain"] = run({**base, "name": "batch plain", "prefix_caching": False,
-                              "phases": [bt(1), bt(2, mark="timed")]}, log, spy)
+        spy, mode = args.py_spy, args.profile
+        cold = [bt(1), bt(2, mark="timed")]  # a warm-up batch, then the timed one
+        prefill = bt(3, gen=1)  # new prompts, one token each: the prefill steps alone
+        batch["plain"] = run({**base, "name": "batch plain", "prefix_caching": False, "profile": mode,
+                              "phases": cold + [prefill]}, log, spy)
         batch["offload"] = run({**base, "name": "batch offload", "prefix_caching": False,
                                 "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
-                                "phases": [bt(1), bt(2)]}, log)
-        batch["ucm"] = run({**base, "name": "batch ucm", "prefix_caching": False, "connector": "UCMConnector",
-                            "extra": ucm(root, "batch", gib), "phases": [bt(1), bt(2, mark="timed"), bt(2, sleep=2)]},
-                           log, spy)
+                                "phases": cold + [prefill]}, log)
+        ucm_batch = {**base, "prefix_caching": False, "connector": "UCMConnector"}
+        batch["ucm"] = run({**ucm_batch, "name": "batch ucm", "extra": ucm(root, "batch", gib), "profile": mode,
+                            "phases": cold + [bt(2, sleep=2), prefill]}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
         if args.ablations:
-            root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
-            batch["consumer"] = run({**base, "name": "batch ucm consumer", "prefix_caching": False,
-                                     "connector": "UCMConnector", "role": "kv_consumer",
-                                     "extra": ucm(root, "batch-c", gib), "phases": [bt(1), bt(2)]}, log)
-            batch["host only"] = run({**base, "name": "batch ucm host only", "prefix_caching": False,
-                                      "connector": "UCMConnector", "extra": ucm(root, "batch-h", gib, ssd=False),
-                                      "phases": [bt(1), bt(2)]}, log)
-            shutil.rmtree(os.path.join(shm, "batch-c"), ignore_errors=True)
-            shutil.rmtree(os.path.join(shm, "batch-h"), ignore_errors=True)
-            shutil.rmtree(root, ignore_errors=True)
+            variants = {"consumer": {"role": "kv_consumer"}, "host only": {"ssd": False},
+                        "thread writer": {"writer": "thread"}, "switch 0.5 ms": {"switch_interval": 0.0005}}
+            if spy:
+                variants["gil profile"] = {"profile": "gil"}
+            for k, (name, v) in enumerate(variants.items()):
+                root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+                extra = ucm(root, f"batch-{k}", gib, ssd=v.pop("ssd", True), writer=v.pop("writer", "process"))
+                batch[name] = run({**ucm_batch, **v, "name": f"batch ucm {name}", "extra": extra,
+                                   "phases": cold + [prefill]}, log, spy if "profile" in v else None)
+                shutil.rmtree(os.path.join(shm, f"batch-{k}"), ignore_errors=True)
+                shutil.rmtree(root, ignore_errors=True)
     root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
     ddfile = os.path.join(root, "dd.bin")
     ddw = dd(["if=/dev/zero", f"of={ddfile}", "bs=4M", "count=1024", "oflag=direct"])
@@ -331,18 +349,25 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
     if batch:
         tps = lambda r, k: r["phases"][k]["tokens_per_s"] if "phases" in r else float("nan")  # noqa: E731
         div = lambda a, b: a / b if b == b and b else float("nan")  # noqa: E731
-        plain = tps(batch["plain"], 1)
-        rows = [("no connector", batch["plain"], 1), ("OffloadingConnector, cold", batch["offload"], 1),
-                ("ucm, cold store", batch["ucm"], 1), ("ucm, every prompt in the host tier", batch["ucm"], 2)]
-        if "consumer" in batch:
-            rows += [("ucm kv_consumer (lookups, no saves), cold", batch["consumer"], 1),
-                     ("ucm host tier only (saves, no SSD writes), cold", batch["host only"], 1)]
+        last = lambda r: len(r["phases"]) - 1 if "phases" in r else 0  # noqa: E731 - the prefill-only batch
+        plain, plain_prefill = tps(batch["plain"], 1), tps(batch["plain"], last(batch["plain"]))
+        names = {"plain": "no connector", "offload": "OffloadingConnector, cold", "ucm": "ucm, cold store",
+                 "consumer": "ucm kv_consumer (lookups, no saves), cold",
+                 "host only": "ucm host tier only (saves, no SSD writes), cold",
+                 "thread writer": "ucm, cold, SSD writes from threads of the engine (`ssd.writer: thread`)",
+                 "switch 0.5 ms": "ucm, cold, GIL switch interval 0.5 ms", "gil profile": "ucm, cold (py-spy --gil)"}
         lines += ["", f"Batch of {BATCH} x {BATCH_LEN}-token prompts, {BATCH_GEN} generated tokens each "
-                  "((prompt + generated) tokens/s; second batch of each process; ucm warm: the same prompts again):",
-                  "", "| configuration | tokens/s | vs no connector | external tokens |", "|---|---|---|---|"]
-        for name, r, k in rows:
-            ext = r["phases"][k].get("external") if "phases" in r else None
-            lines.append(f"| {name} | {tps(r, k):.0f} | {div(tps(r, k), plain):.2f} | {ext} |")
+                  "((prompt + generated) tokens/s; second batch of each process; ucm warm: the same prompts again); "
+                  "prefill only: a third batch of new prompts, one token each:",
+                  "", "| configuration | tokens/s | vs no connector | prefill only vs no connector | external tokens |",
+                  "|---|---|---|---|---|"]
+        for key, r in batch.items():
+            ext = r["phases"][1].get("external") if "phases" in r else None
+            pre = div(tps(r, last(r)), plain_prefill)
+            lines.append(f"| {names.get(key, key)} | {tps(r, 1):.0f} | {div(tps(r, 1), plain):.2f} | {pre:.2f} | {ext} |")
+            if key == "ucm" and "phases" in r:
+                lines.append(f"| ucm, every prompt in the host tier | {tps(r, 2):.0f} | {div(tps(r, 2), plain):.2f} | "
+                             f"| {r['phases'][2].get('external')} |")
         crashed = [f"{k}: {v['crash']}" for k, v in batch.items() if "crash" in v]
         if crashed:
             lines.append(f"\ncrashed: {crashed}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import struct
+import time
 
 import numpy as np
 import torch
@@ -16,10 +17,12 @@ PAGE = 64 * 1024 + 100  # deliberately not a multiple of 4 KiB
 CRASH_PAGE = 16 * 1024 + 100
 
 
-def config(root, host="1MiB", ssd="8MiB", host_dir="host", **extra):
+def config(root, host="1MiB", ssd="8MiB", host_dir="host", writer="thread", **extra):
+    """A small store under `root`. `writer`: ssd.writer; these tests write from threads unless they test
+    the helper process (tests/test_flush_process.py), which costs each store a Python start."""
     d = {"host": {"capacity": host, "path": os.path.join(root, host_dir)}}
     if ssd:
-        d["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd, "slab_size": "1MiB"}
+        d["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd, "slab_size": "1MiB", "writer": writer}
     d.update(extra)
     return from_dict(d, source="test.yaml")
 
@@ -70,6 +73,22 @@ def crash_writer(root: str, ready_path: str, flushed_path: str, seed: int) -> No
             store.ssd.refresh()
             done = [b for b in ids if b in store.ssd]  # a dump refused for lack of room is not "flushed"
             os.write(out, b"".join(b.hex().encode() + b"\n" for b in done))
+
+
+def engine_killed_mid_flush(root: str, ready_path: str, n: int) -> None:
+    """Commit n blocks through the SSD writer process, write its pid and the ids, and wait to be killed."""
+    torch.set_num_threads(1)
+    store = TieredStore(config(root, host="16MiB", ssd="16MiB", writer="process"), PAGE)
+    assert store.flusher.wait_ready(60), "the SSD writer process did not start"
+    ids = [bid(k, 42) for k in range(n)]
+    stored = []
+    for k in range(0, n, 8):
+        stored += dump_commit(store, ids[k:k + 8])
+    with open(ready_path + ".tmp", "w") as f:
+        f.write(f"{store.flusher.pid}\n" + "".join(b.hex() + "\n" for b in stored))
+    os.rename(ready_path + ".tmp", ready_path)
+    while True:
+        time.sleep(1)
 
 
 def verify_after_crash(root: str, flushed_path: str, q) -> None:

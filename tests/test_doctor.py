@@ -29,19 +29,25 @@ def _save(root, tokens, salt=None, block_size=BLOCK, tp_size=1, rank=0):
     computed for the request, the worker of rank `rank` storing its shard."""
     sched = debug_connector(ensure_model(), "scheduler", _cfg(root), block_size=block_size, tp_size=tp_size)
     worker = debug_connector(ensure_model(), "worker", _cfg(root), block_size=block_size, tp_size=tp_size, rank=rank)
-    req = debug_request("cold", tokens, cache_salt=salt)
+    ids = _save_with(sched, worker, tokens, "cold", salt)
+    worker.shutdown()
+    sched.shutdown()
+    return ids
+
+
+def _save_with(sched, worker, tokens, req_id, salt=None):
+    """One request's save through these connectors (see _save); flushed to the SSD."""
+    req = debug_request(req_id, tokens, cache_salt=salt)
     sched.get_num_new_matched_tokens(req, 0)
-    ids = list(sched.scheduler.reqs["cold"].ids)  # exactly what the connector hashes (salt, extras)
+    ids = list(sched.scheduler.reqs[req_id].ids)  # exactly what the connector hashes (salt, extras)
     sched.update_state_after_alloc(req, debug_blocks(range(len(ids))), 0)
     for t in worker.kv_caches.values():
         t[:len(ids)].copy_(torch.randn_like(t[:len(ids)]))
     worker.bind_connector_metadata(UCMConnectorMetadata(requests=[
-        RequestMeta("cold", dump_block_ids=(ids, list(range(len(ids)))))]))
+        RequestMeta(req_id, dump_block_ids=(ids, list(range(len(ids)))))]))
     worker.wait_for_save()
     worker.clear_connector_metadata()
     worker.store.flush()
-    worker.shutdown()
-    sched.shutdown()
     return ids
 
 
@@ -60,7 +66,10 @@ def test_all_stored_and_the_grid(tmp_path):
     d, text = _diag(tmp_path, A)
     root, where = d.best()
     assert where == ["host"] * 9, text
-    assert "H H H H H H H H H" in text
+    assert "H H H H H H H H H   (the tier a load uses" in text
+    # flushed: every block is in both tiers, and the report shows each tier that holds it
+    assert d.held[root] == [("host", "ssd")] * 9
+    assert "H H H H H H H H H   held by the host tier" in text and "S S S S S S S S S   held by the ssd tier" in text
     assert d.reasons == [f"all 9 full blocks are stored: the next request with this prompt loads {9 * BLOCK} tokens "
                          "from ucm"], text
 
@@ -196,3 +205,34 @@ def test_stats_lists_tiers_and_processes_running_first_by_pid(tmp_path, capsys):
     assert stats_main(str(cfg)) == 0
     text = capsys.readouterr().out
     assert f"worker0 pid {os.getpid()} [RUNNING, started " in text and f"saved {len(ids)}" in text, text
+
+
+def test_stats_watch_refreshes_and_shows_each_process_changes(tmp_path, capsys):
+    """`ucm stats --watch`: a header per refresh; a process seen at the refresh before shows what it
+    loaded, saved and flushed since."""
+    import json
+
+    from ucm.tools.stats import collect, main as stats_main, show
+
+    import time
+
+    sched = debug_connector(ensure_model(), "scheduler", _cfg(tmp_path), block_size=BLOCK)
+    worker = debug_connector(ensure_model(), "worker", _cfg(tmp_path), block_size=BLOCK)
+    cfg = from_dict(_cfg(tmp_path), source="test")
+    snapshots = []
+    for req_id, tokens in (("a", A), ("b", prompt_tokens(300, 6000))):  # 9 blocks each
+        _save_with(sched, worker, tokens, req_id)
+        time.sleep(1.05)  # the journal takes counters at most once a second
+        worker.get_kv_connector_stats()
+        snapshots.append(collect(cfg))
+    worker.shutdown()
+    sched.shutdown()
+    capsys.readouterr()
+    show(snapshots[1], before=snapshots[0])
+    text = capsys.readouterr().out
+    assert "saved 18 " in text and "since the last refresh: +0 loaded, +9 saved, +9 flushed" in text, text
+    path = tmp_path / "ucm.yaml"
+    path.write_text(json.dumps(_cfg(tmp_path)))
+    assert stats_main(str(path), watch=0.05, count=3) == 0
+    text = capsys.readouterr().out
+    assert text.count("ucm stats at ") == 3 and "since the last refresh: +0 loaded, +0 saved, +0 flushed" in text, text

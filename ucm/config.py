@@ -22,6 +22,7 @@ CONFIG_ENV = "UCM_CONFIG_FILE"
 EMBEDDED_CONFIG = Path(__file__).parent / "configs" / "ucm_config.yaml"  # ucm/configs -> ../configs
 
 WRITE_POLICIES = ("write_through", "write_back")
+SSD_WRITERS = ("process", "thread")
 GPU_TRANSFER_MODES = ("staged", "direct")
 LOAD_MODES = ("auto", "sync", "async")
 
@@ -70,6 +71,7 @@ class SSDTierConfig:
     slab_size: int = 1 << 30  # bytes per slab file
     direct_io: bool = True
     fsync: bool = False
+    writer: str = "process"  # who writes committed pages to the SSD: a helper process, or threads here
 
 
 @dataclass(frozen=True)
@@ -202,7 +204,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
         )
     if data.get("ssd") is not None:
         s = _mapping(data["ssd"], source, "ssd")
-        _check_keys(s, ("path", "capacity", "slab_size", "direct_io", "fsync"), source, "ssd.")
+        _check_keys(s, ("path", "capacity", "slab_size", "direct_io", "fsync", "writer"), source, "ssd.")
         for req in ("path", "capacity"):
             if req not in s:
                 raise ConfigError(source, f"ssd.{req}", None, "missing")
@@ -212,7 +214,10 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
             slab_size=parse_size(s.get("slab_size", "1GiB"), source, "ssd.slab_size"),
             direct_io=_bool(s, "direct_io", True, source, "ssd."),
             fsync=_bool(s, "fsync", False, source, "ssd."),
+            writer=s.get("writer", "process"),
         )
+        if ssd.writer not in SSD_WRITERS:
+            raise ConfigError(source, "ssd.writer", ssd.writer, f"must be one of {', '.join(SSD_WRITERS)}")
     remote = _remote(data["remote"], source) if data.get("remote") is not None else None
     if host is None and ssd is None and remote is None:
         raise ConfigError(source, "host", None, "configure at least one tier (host, ssd or remote)")

@@ -131,7 +131,7 @@ class MemorySlots:
                     break
                 if chunk not in self._ready:
                     self._prepare(chunk)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the tier closed meanwhile
             pass  # the hot path reports it, for the slot that needs it
         finally:
             self._ahead.release()
@@ -432,6 +432,12 @@ class SlabTier:
                 fcntl.flock(fd, fcntl.LOCK_SH)  # nobody can drop files before we hold it: none exist yet
             self._users_fd = fd
             return
+
+    @property
+    def users_fd(self) -> int | None:
+        """The descriptor holding this process's shared lock on the tier's users lock: a child process
+        given a copy keeps the tier from being dropped until it exits, even if this process dies."""
+        return self._users_fd
 
     def on_close(self, hook) -> None:
         """Call `hook()` before the tier's memory goes away (e.g. to unregister it from a device)."""

@@ -46,6 +46,7 @@ import xxhash
 from ucm.config import UCMConfig, check_writable
 from ucm.logger import get_logger
 from ucm.tiers.flush import Flusher, background_priority
+from ucm.tiers.flush_process import FlushProcess
 from ucm.tiers.promotion import Promoter
 from ucm.tiers.ranged import Dest, PageRange, RangedLoad
 from ucm.tiers.remote import RemoteTier, encode_page
@@ -224,7 +225,10 @@ class TieredStore:
             return
         self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="ucm-io", initializer=background_priority)
         if self.ssd is not None:
-            self.flusher = Flusher(self.host, self.ssd, self._io, self.stats, config.write_policy == "write_back")
+            write_back = config.write_policy == "write_back"
+            local = lambda: Flusher(self.host, self.ssd, self._io, self.stats, write_back)  # noqa: E731
+            self.flusher = (FlushProcess(self.host, self.ssd, config.io_threads, self.stats, write_back, local)
+                            if config.ssd.writer == "process" else local())
         self.promoter = Promoter(self.host, self.ssd, self.remote, self.flusher, self._io, config.io_threads,
                                  self.stats)
         log_store.info("store open: page %d B, host %d slots at %s%s, ssd %s, remote %s", page_size,
@@ -273,6 +277,17 @@ class TieredStore:
                 if there:
                     out[k] = "remote"
         return out
+
+    def holders(self, ids: Sequence[bytes], remote: bool = True) -> list[tuple[str, ...]]:
+        """Per id: every tier holding it, fastest first, e.g. ('host', 'ssd'); () where none does. For
+        diagnostics: it asks the remote tier about every id (where() asks only about local misses)."""
+        self.host.refresh()
+        if self.ssd is not None:
+            self.ssd.refresh()
+        host, ssd = self.host.index.entries, (self.ssd.index.entries if self.ssd is not None else {})
+        there = self.remote.exists(list(ids)) if remote and self.remote is not None else [False] * len(ids)
+        return [tuple(t for t, held in (("host", b in host), ("ssd", b in ssd), ("remote", r)) if held)
+                for b, r in zip(ids, there)]
 
     def _writable(self) -> None:
         if self.readonly:
@@ -461,6 +476,12 @@ class TieredStore:
         finally:
             self.host.unpin(hslot)
 
+    def start_writer(self) -> None:
+        """Start the SSD writer now (`ssd.writer: process` starts a helper process, ~1-3 s), not at the
+        first block to write: a store that will save calls this while its engine starts."""
+        if isinstance(self.flusher, FlushProcess):
+            self.flusher.start()
+
     def flush(self, timeout: float | None = None) -> None:
         """Block until every committed block queued for SSD and the remote tier has been written (or
         failed, or dropped)."""
@@ -470,8 +491,9 @@ class TieredStore:
             self.flusher.drain(timeout)
 
     # ---- lifecycle ------------------------------------------------------------------------------
-    def usage(self) -> dict:
-        """Blocks and bytes per tier (live view, all processes)."""
+    def usage(self, remote: bool = True) -> dict:
+        """Blocks and bytes per tier (live view, all processes); `remote=False`: local tiers only (no
+        round trip to the server)."""
         out = {}
         for tier in (self.host, self.ssd):
             if tier is None:
@@ -479,7 +501,7 @@ class TieredStore:
             tier.refresh()
             out[tier.name] = {"blocks": len(tier.index.entries), "bytes": tier.used_bytes(),
                               "capacity": tier.num_slots * tier.slot_size, "path": tier.dir}
-        if self.remote is not None:
+        if remote and self.remote is not None:
             out["remote"] = self.remote.usage()
         return out
 

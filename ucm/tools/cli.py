@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("store-demo", help="dump, flush and reload blocks through the tiers (no vLLM)")
     st = sub.add_parser("stats", help="blocks and bytes per tier; each process's hits, transfers and errors")
     st.add_argument("--json", action="store_true", help="one JSON object (for scripts)")
+    st.add_argument("--watch", type=float, nargs="?", const=2.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2) until Ctrl-C, with each process's changes since the last")
+    st.add_argument("--count", type=int, help="with --watch: stop after this many refreshes")
     sub.add_parser("verify", help="patches, connector registration, config, storage, hash determinism")
     doc = sub.add_parser("doctor", help="why a prompt does not hit: where each block is, likely reasons")
     src = doc.add_mutually_exclusive_group(required=True)
@@ -100,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "stats":
         from ucm.tools.stats import main as stats_main
 
-        return stats_main(args.config, as_json=args.json)
+        return stats_main(args.config, as_json=args.json, watch=args.watch, count=args.count)
     if args.cmd == "doctor":
         return _doctor(args)
     if args.cmd == "verify":

@@ -37,6 +37,7 @@ class Diagnosis:
     seeds: dict[str, dict]  # root prefix -> seed fields, as recorded in the store's journal
     where: dict[str, list[str]] = field(default_factory=dict)  # root prefix -> per block: host/ssd/remote/none
     ranks: dict[str, dict[int, list[str]]] = field(default_factory=dict)  # root prefix -> TP rank -> per block
+    held: dict[str, list[tuple[str, ...]]] = field(default_factory=dict)  # root prefix -> per block: every tier (rank 0)
     reasons: list[str] = field(default_factory=list)
     store_blocks: dict[str, int] = field(default_factory=dict)  # tier -> blocks
     remote_down: str = ""  # the unreachable remote tier's address
@@ -90,6 +91,7 @@ def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, 
                     continue
                 per_rank = {r: store.where(identity.for_rank(ids, r)) for r in identity.ranks()}
                 diag.ranks[root] = per_rank
+                diag.held[root] = store.holders(identity.for_rank(ids, 0))
                 # a block hits only when every rank holds its shard
                 diag.where[root] = [next((w[k] for w in per_rank.values() if w[k] == "none"), per_rank[0][k])
                                     for k in range(len(ids))]
@@ -207,7 +209,12 @@ def report(diag: Diagnosis) -> str:
         lines.append(f"blocks under root {root}: {len(where)} full; host {counts['host']}, ssd {counts['ssd']}, "
                      f"remote {counts['remote']}, missing {counts['none']}")
         grid = lambda ws: " ".join(w[0].upper() if w != "none" else "." for w in ws)  # noqa: E731
-        lines.append("  " + grid(where) + "   (H host, S ssd, R remote, . missing)")
+        lines.append("  " + grid(where) + "   (the tier a load uses: H host, S ssd, R remote, . missing)")
+        held = diag.held.get(root, [])
+        for tier in ("host", "ssd", "remote"):
+            if any(tier in h for h in held):
+                row = " ".join(tier[0].upper() if tier in h else "." for h in held)
+                lines.append(f"  {row}   held by the {tier} tier" + (" (rank 0)" if len(diag.ranks.get(root, {})) > 1 else ""))
         shards = diag.ranks.get(root, {})
         if len(shards) > 1:
             lines += [f"  rank {k}: {grid(ws)}" for k, ws in shards.items()]

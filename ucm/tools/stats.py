@@ -28,9 +28,10 @@ def collect(cfg) -> dict:
             d, slot = r.tier_dir(page), r.slot_size(page)
             if not os.path.exists(os.path.join(d, "index.log")):
                 continue
-            idx = SlotIndex(d, max(1, r.capacity // slot), readonly=True)
+            slots = max(1, r.capacity // slot)  # capacity: whole slots, as the tier itself counts it
+            idx = SlotIndex(d, slots, readonly=True)
             tiers.append({"tier": r.name, "dir": d, "exists": True, "page_bytes": page, "blocks": len(idx.entries),
-                          "bytes": len(idx.entries) * slot, "capacity_bytes": r.capacity,
+                          "bytes": len(idx.entries) * slot, "capacity_bytes": slots * slot,
                           "unflushed": len(idx.dirty), "being_written": len(idx.reserved)})
             idx.close()
             if r is roots[-1]:
@@ -44,11 +45,49 @@ def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "?"
 
 
-def main(config_path: str | None = None, as_json: bool = False) -> int:
-    data = collect(load_config(config_path))
+def main(config_path: str | None = None, as_json: bool = False, watch: float | None = None,
+         count: int | None = None) -> int:
+    cfg = load_config(config_path)
+    if watch is None:
+        show(collect(cfg), as_json)
+        return 0
+    before: dict | None = None
+    shown = 0
+    try:
+        while count is None or shown < count:
+            if shown:
+                time.sleep(watch)
+            data = collect(cfg)
+            if not as_json and os.isatty(1):
+                print("\033[H\033[2J", end="")  # clear the terminal
+            if not as_json:
+                print(f"ucm stats at {_when(time.time())} (every {watch:g} s; Ctrl-C stops)")
+            show(data, as_json, before)
+            print(flush=True)
+            before, shown = data, shown + 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _changes(rec: dict, before: dict | None) -> str:
+    """'; since the last refresh: +N loaded, +M saved, +K flushed' for a process seen before."""
+    if before is None or "connector" not in rec:
+        return ""
+    old = next((r for r in before["processes"] if r["pid"] == rec["pid"] and r["role"] == rec["role"]), None)
+    if old is None or "connector" not in old:
+        return ""
+    c, o = rec["connector"], old["connector"]
+    flushed = rec["store"]["flushed_blocks"] - old["store"]["flushed_blocks"]
+    return (f"; since the last refresh: +{c['loaded_blocks'] - o['loaded_blocks']} loaded, "
+            f"+{c['saved_blocks'] - o['saved_blocks']} saved, +{flushed} flushed")
+
+
+def show(data: dict, as_json: bool = False, before: dict | None = None) -> None:
+    """Print collect()'s data; `before`: the previous refresh of --watch (changes per process)."""
     if as_json:
         print(json.dumps(data, indent=1, default=str))
-        return 0
+        return
     for t in data["tiers"]:
         if not t["exists"]:
             print(f"{t['tier']}: {t['dir']} (empty: directory does not exist)")
@@ -73,7 +112,7 @@ def main(config_path: str | None = None, as_json: bool = False) -> int:
                   f"{c['ssd_hit_blocks']} from SSD, {c.get('remote_hit_blocks', 0)} from remote, {load_gbs:.2f} GB/s), "
                   f"{c['load_errors']} load errors; saved {c['saved_blocks']} ({save_gbs:.2f} GB/s), "
                   f"{c['save_failures']} save failures; flushed to SSD {st['flushed_blocks']}, "
-                  f"{st['flush_failures']} flush failures")
+                  f"{st['flush_failures']} flush failures{_changes(rec, before)}")
             if c.get("blend_reused_tokens"):
                 print(f"  blend: {c['blend_reused_tokens']} tokens reused at new positions (not a prefix), "
                       f"{c.get('blend_recomputed_tokens', 0)} of them recomputed after the check layer")
@@ -84,4 +123,3 @@ def main(config_path: str | None = None, as_json: bool = False) -> int:
                       f"{r['dropped']} saves dropped, {r['outages']} outages")
             for e in rec.get("recent_errors", [])[-5:]:
                 print(f"  recent error: {e['op']}: {e['why']}")
-    return 0

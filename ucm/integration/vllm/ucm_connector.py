@@ -96,7 +96,7 @@ class UCMDirectConnector(KVConnectorBase_V1):
         else:
             self.rank = _tp_rank()
             self.worker = WorkerSide(self.config, self.identity, self.page_size, kv_cache_config, self.rank,
-                                     layerwise=blend is None)
+                                     layerwise=blend is None, saves=ktc.is_kv_producer)
             self.blend_worker = blend.worker(self.worker) if blend else None
 
     @property

@@ -12,6 +12,8 @@ rate(vllm:ucm_load_seconds_total[1m])` is the load bandwidth). Names are stable 
   vllm:ucm_save_failures      blocks that could not be saved
   vllm:ucm_saves_dropped      blocks not saved because their step's loads failed
   vllm:ucm_blend_reused_tokens, vllm:ucm_blend_recomputed_tokens    BlendConnector
+  vllm:ucm_tier_used_bytes{tier}, vllm:ucm_tier_capacity_bytes{tier}   gauges: host, ssd occupancy (all
+                              processes on the store), as of this server's last report (about once a second)
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ COUNTERS = {
     "vllm:ucm_blend_recomputed_tokens": ("blend_recomputed_tokens", "Reused tokens BlendConnector recomputed"),
 }
 TIERS = {"host": "host_hit_blocks", "ssd": "ssd_hit_blocks", "remote": "remote_hit_blocks"}
+OCCUPANCY = {"vllm:ucm_tier_used_bytes": ("used_bytes", "Bytes of KV blocks held by a ucm tier (every process)"),
+             "vllm:ucm_tier_capacity_bytes": ("capacity_bytes", "Capacity of a ucm tier in bytes")}
 
 
 class UCMPromMetrics(KVConnectorPromMetrics):
@@ -47,6 +51,12 @@ class UCMPromMetrics(KVConnectorPromMetrics):
         hits = self._counter_cls(name="vllm:ucm_hit_blocks", documentation="KV blocks loaded from ucm, by tier",
                                  labelnames=[*labelnames, "tier"])
         self._hits = {tier: {e: hits.labels(*v, tier) for e, v in per_engine_labelvalues.items()} for tier in TIERS}
+        self._levels: dict[str, dict[int, Any]] = {}  # stat key (e.g. host_used_bytes) -> per engine gauge
+        for name, (suffix, doc) in OCCUPANCY.items():
+            gauge = self._gauge_cls(name=name, documentation=doc, multiprocess_mode="mostrecent",
+                                    labelnames=[*labelnames, "tier"])
+            for tier in ("host", "ssd"):
+                self._levels[f"{tier}_{suffix}"] = {e: gauge.labels(*v, tier) for e, v in per_engine_labelvalues.items()}
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
         """Add one step's connector stats (stats.UCMConnectorStats.data) to the counters."""
@@ -58,3 +68,6 @@ class UCMPromMetrics(KVConnectorPromMetrics):
             value = transfer_stats_data.get(key, 0)
             if value:
                 self._hits[tier][engine_idx].inc(value)
+        for key, per_engine in self._levels.items():
+            if key in transfer_stats_data:
+                per_engine[engine_idx].set(transfer_stats_data[key])

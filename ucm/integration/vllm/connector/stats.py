@@ -9,6 +9,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 STAT_KEYS = ("hit_tokens", "host_hit_blocks", "ssd_hit_blocks", "remote_hit_blocks", "loaded_blocks", "load_errors",
              "load_bytes", "load_seconds", "saved_blocks", "save_bytes", "save_seconds", "save_failures",
              "saves_dropped", "blend_reused_tokens", "blend_recomputed_tokens")
+# levels, not counts: the latest value wins (the tiers are shared, so ranks see the same store)
+GAUGE_KEYS = ("host_used_bytes", "host_capacity_bytes", "ssd_used_bytes", "ssd_capacity_bytes")
 
 
 @dataclass
@@ -28,7 +30,7 @@ class UCMConnectorStats(KVConnectorStats):
 
     def aggregate(self, other: KVConnectorStats) -> "UCMConnectorStats":
         for k, v in other.data.items():
-            self.data[k] = self.data.get(k, 0) + v
+            self.data[k] = max(self.data.get(k, 0), v) if k in GAUGE_KEYS else self.data.get(k, 0) + v
         return self
 
     def reduce(self) -> dict[str, int | float]:
@@ -41,7 +43,8 @@ class UCMConnectorStats(KVConnectorStats):
                 "ucm_saved_blocks": d["saved_blocks"], "ucm_save_GBps": gbps(d["save_bytes"], d["save_seconds"]),
                 "ucm_save_failures": d["save_failures"], "ucm_saves_dropped": d.get("saves_dropped", 0),
                 "ucm_blend_reused_tokens": d.get("blend_reused_tokens", 0),
-                "ucm_blend_recomputed_tokens": d.get("blend_recomputed_tokens", 0)}
+                "ucm_blend_recomputed_tokens": d.get("blend_recomputed_tokens", 0),
+                **{f"ucm_{k}": d[k] for k in GAUGE_KEYS if k in d}}
 
     def is_empty(self) -> bool:
-        return not any(self.data.get(k) for k in STAT_KEYS)
+        return not any(self.data.get(k) for k in STAT_KEYS + GAUGE_KEYS)

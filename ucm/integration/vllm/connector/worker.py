@@ -30,7 +30,7 @@ from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.layers import LayerPlan, layer_plan
 from ucm.integration.vllm.connector.metadata import RequestMeta, UCMConnectorMetadata
 from ucm.integration.vllm.connector.saves import Saves
-from ucm.integration.vllm.connector.stats import STAT_KEYS, UCMConnectorStats
+from ucm.integration.vllm.connector.stats import GAUGE_KEYS, STAT_KEYS, UCMConnectorStats
 from ucm.integration.vllm.identity import BlockIdentity
 from ucm.integration.vllm.connector.store_access import StoreAccess
 from ucm.kernels.layout import KVLayout
@@ -61,11 +61,12 @@ class LoadResult:
 
 class WorkerSide:
     def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, kv_cache_config: "KVCacheConfig",
-                 rank: int, layerwise: bool = True):
+                 rank: int, layerwise: bool = True, saves: bool = True):
         """`layerwise`: SSD hits may be read layer by layer (BlendConnector: no, its later layers skip
-        vLLM's per-layer connector calls)."""
+        vLLM's per-layer connector calls). `saves`: this worker saves (kv_role is not kv_consumer)."""
         self.config, self.identity, self.page_size, self.rank = config, identity, page_size, rank
         self.block_size = identity.seed.block_size
+        self._saves = saves and identity.saves_on(rank)
         self._kv_cache_config = kv_cache_config
         self._layerwise = layerwise and config.transfer.layerwise_load
         self._access = StoreAccess(config, page_size, identity.seed, f"worker{rank}")
@@ -86,6 +87,7 @@ class WorkerSide:
         self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="ucm-load")
         self._load_stream = None  # a GPU's stream for async loads (register_kv_caches)
         self._forward_ran = False  # this step ran a forward pass (wait_for_save was called)
+        self._occupancy_at = float("-inf")  # when take_stats last read the tiers' occupancy
 
     @property
     def store(self) -> TieredStore:
@@ -122,6 +124,8 @@ class WorkerSide:
                 host.on_close(self.xfer.unregister_host)
             else:
                 log.warning("cudaHostRegister of the host tier failed; GPU copies will be slower")
+        if self._saves:
+            self.store.start_writer()  # a helper process starts while vLLM profiles and warms up
         use_layers = self._layerwise and not gpu and self.store.ssd is not None
         self._layer_plan = layer_plan(self.layout, tc) if use_layers else None
         how = "whole, before the forward pass"
@@ -325,14 +329,27 @@ class WorkerSide:
         return saved, self._finished_loads()
 
     # ---- stats and shutdown -----------------------------------------------------------------------
+    OCCUPANCY_EVERY_S = 1.0
+
     def take_stats(self) -> UCMConnectorStats | None:
+        """This worker's counters since the last call, with the tiers' occupancy at most once a second
+        (None when there is nothing to report)."""
+        now = time.monotonic()
+        if now - self._occupancy_at >= self.OCCUPANCY_EVERY_S and self._access.opened:
+            self._occupancy_at = now
+            for tier, u in self.store.usage(remote=False).items():
+                self.stats.data[f"{tier}_used_bytes"] = u["bytes"]
+                self.stats.data[f"{tier}_capacity_bytes"] = u["capacity"]
         if self.stats.is_empty():
             return None
         out, self.stats = self.stats, UCMConnectorStats()
-        for k, v in out.data.items():
-            self._totals[k] = self._totals.get(k, 0) + v
+        self._add_to_totals(out)
         self._write_counters()
         return out
+
+    def _add_to_totals(self, stats: UCMConnectorStats) -> None:
+        for k, v in stats.data.items():
+            self._totals[k] = v if k in GAUGE_KEYS else self._totals.get(k, 0) + v
 
     def _write_counters(self, force: bool = False) -> None:
         st = self.store.stats
@@ -350,8 +367,7 @@ class WorkerSide:
             self.saves.close()
         if self._access.opened:
             self.store.flush(timeout=60)
-            for k, v in self.stats.data.items():
-                self._totals[k] = self._totals.get(k, 0) + v
+            self._add_to_totals(self.stats)
             self.stats.reset()
             self._write_counters(force=True)
             self._access.close_journal()
