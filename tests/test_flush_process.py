@@ -132,6 +132,8 @@ def test_the_helper_finishes_its_queue_when_the_engine_is_killed(tmp_path, procs
     ids = [bytes.fromhex(h) for h in hexes]
     assert len(ids) == 160
     assert _on_disk_only(tmp_path, ids, ssd="16MiB") == (len(ids), 0, 0)
+    host = tmp_path / "host" / f"p{PAGE}"
+    assert not (host / "pages.bin").exists(), "the helper, last user of the host tier, left it behind"
 
 
 @pytest.mark.parametrize("value", ["processes", ""])

@@ -127,3 +127,32 @@ def test_nothing_of_the_host_tier_is_left_after_the_server_gets_sigterm(shm_root
         server.stop()
         tail = server.tail()
     assert _wait_gone(shm_root) == [], tail
+
+
+def test_a_late_drop_never_removes_a_tier_made_again_meanwhile(shm_root):
+    """A watcher that waits for the users lock of a dropped tier, while a new tier is made at the same
+    path, must leave the new tier alone (it locked the old lock file, not the new one)."""
+    import fcntl
+    import threading
+
+    from ucm.tiers.slab import TIER_FILES, USERS_LOCK, drop_if_unused
+
+    d = os.path.join(shm_root, "tier")
+    os.makedirs(d)
+    lock = os.path.join(d, USERS_LOCK)
+    user = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(user, fcntl.LOCK_SH)  # a user of the old tier
+    result = []
+    late = threading.Thread(target=lambda: result.append(drop_if_unused(d, wait_s=5.0)))
+    late.start()
+    time.sleep(0.3)  # it opened the old lock file and waits for it
+    os.unlink(lock)  # the old tier is dropped by someone else, and a new one made at the same path
+    new = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(new, fcntl.LOCK_SH)
+    for f in TIER_FILES[:2]:
+        open(os.path.join(d, f), "wb").write(b"new tier")
+    os.close(user)  # the old tier's last user leaves: the late drop gets its lock
+    late.join(timeout=10)
+    assert result == [False]
+    assert all(os.path.exists(os.path.join(d, f)) for f in TIER_FILES[:2] + (USERS_LOCK,)), os.listdir(d)
+    os.close(new)

@@ -34,7 +34,7 @@ from typing import Callable
 
 from ucm.logger import get_logger
 from ucm.tiers.flush import Flusher, background_priority
-from ucm.tiers.slab import SlabTier, TierSpec
+from ucm.tiers.slab import SlabTier, TierSpec, drop_if_unused
 
 log = get_logger("Save")
 
@@ -251,8 +251,9 @@ def child_main(arg: str) -> None:
     send = Connection(spec["report_fd"], readable=False)
     cmds = Connection(spec["cmd_fd"], writable=False)
     # the engine's users lock, inherited, kept the host tier from being dropped (had the engine died)
-    # until this process joined it as a user of its own
-    host = SlabTier(TierSpec(**spec["host"]), spec["page_size"])
+    # until this process joined it as a user of its own. The engine drops the tier when it leaves last;
+    # this process has no exit watcher of its own, and drops it at the end only if it is the last user.
+    host = SlabTier(TierSpec(**{**spec["host"], "keep_after_exit": True}), spec["page_size"])
     os.close(spec["users_fd"])
     ssd = SlabTier(TierSpec(**spec["ssd"]), spec["page_size"])
     io = ThreadPoolExecutor(spec["io_threads"], thread_name_prefix="ucm-io", initializer=background_priority)
@@ -302,4 +303,6 @@ def child_main(arg: str) -> None:
         report()
         host.close()
         ssd.close()
+        if not spec["host"]["keep_after_exit"]:
+            drop_if_unused(host.dir, spec["host"]["owned_parents"])  # the engine died before it: drop it here
 

@@ -293,6 +293,11 @@ def drop_if_unused(directory: str, owned_parents: int = 0, wait_s: float = 0.0) 
                 if time.monotonic() >= deadline:
                     return False  # another process still uses the tier
                 time.sleep(0.02)
+        try:
+            if os.fstat(fd).st_ino != os.stat(path).st_ino:
+                return False  # dropped by another while we waited, and made again since: not ours to drop
+        except FileNotFoundError:
+            return False  # dropped by another while we waited
         for f in TIER_FILES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(directory, f))
