@@ -17,7 +17,7 @@ with kv_role kv_consumer (lookups, no saves), with a host tier only (saves, no S
 writes from threads of the engine's process (`ssd.writer: thread`, the design before), with a 0.5 ms
 GIL switch interval, and (with py-spy) whole under a `--gil` profile. Each batch configuration also times
 a prefill-only batch (new prompts, one token each). `--py-spy PATH` samples the timed batch of `plain`
-and `ucm` (`--profile idle|native|gil`), stacks under $OUT. Ceilings in the same run: pinned host<->GPU DMA of 1 GiB, the disk's O_DIRECT read and write (dd).
+and `ucm` (`--profile idle|gil`), stacks under $OUT. Ceilings in the same run: pinned host<->GPU DMA of 1 GiB, the disk's O_DIRECT read and write (dd).
 
 Run there: python3 bench/gpu_e2e.py [--lengths 2000 8000 32000] [--prompts 4] [--disk /tmp]
 """
@@ -113,13 +113,13 @@ def _external(llm) -> int:
 ONLY: set[str] = set()  # --only: the configurations to run (names as in the log); empty: all
 
 
-PROFILE_FLAGS = {"idle": ["--idle"], "native": ["--idle", "--native"], "gil": ["--gil"]}
+PROFILE_FLAGS = {"idle": ["--idle"], "gil": ["--gil"]}
 
 
 def run(spec: dict, log, py_spy: str | None = None) -> dict:
     """One configuration in a fresh process; with `py_spy`, its marked phase is sampled (raw stacks):
-    spec["profile"] "idle" (every thread, waits included; the default), "native" (also C frames: GIL and
-    driver waits show) or "gil" (only the thread that holds the GIL in each sample)."""
+    spec["profile"] "idle" (every thread, waits included; the default) or "gil" (only the thread that
+    holds the GIL in each sample)."""
     if ONLY and spec["name"] not in ONLY:
         return {"skipped": True}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
@@ -161,11 +161,10 @@ BLOCKING = ("Event.synchronize", "Stream.synchronize", "Condition.wait", "FileSl
 
 
 def summarize_profile(raw: str) -> dict:
-    """From py-spy's raw stacks: the engine (main) thread's samples split into GPU waits, GIL waits (C
-    frames, `native` profiles only) and its own Python; per other thread the samples outside a blocking
-    call (`idle`, `native`: the ones that may hold the GIL) or, for a `gil` profile, every sample (there
-    only the GIL's holder is sampled)."""
-    main = {"samples": 0, "gpu_waits": 0, "gil_waits": 0, "python": 0}
+    """From py-spy's raw stacks: the engine (main) thread's samples split into GPU waits and its own
+    Python; per other thread the samples outside a blocking call (`idle`: the ones that may hold the
+    GIL) or, for a `gil` profile, every sample (there only the GIL's holder is sampled)."""
+    main = {"samples": 0, "gpu_waits": 0, "python": 0}
     busy: collections.Counter = collections.Counter()
     with open(raw) as f:
         for line in f:
@@ -178,8 +177,7 @@ def summarize_profile(raw: str) -> dict:
             blocked = any(b in name for name in names for b in BLOCKING)
             if thread == "MainThread":
                 main["samples"] += n
-                gil = any(w in name for name in names[-4:] for w in ("take_gil", "PyEval_RestoreThread", "PyEval_AcquireThread"))
-                main["gil_waits" if gil else "gpu_waits" if any(x.endswith("synchronize") for x in names) else "python"] += n
+                main["gpu_waits" if any(x.endswith("synchronize") for x in names) else "python"] += n
             elif not blocked:
                 busy[thread] += n
     return {"main_thread": main, "other_threads_outside_blocking_calls": dict(busy.most_common())}

@@ -233,17 +233,6 @@ class FlushProcess:
 
 
 # ---- the child -------------------------------------------------------------------------------------
-class _Counts:
-    """The Flusher's stats in the child: what it adds is sent to the engine."""
-
-    def __init__(self):
-        from collections import deque
-
-        self.flushed_blocks = 0
-        self.flush_failures = 0
-        self.recent_errors = deque(maxlen=32)
-
-
 def child_main(arg: str) -> None:
     """The child's body: flush what the engine sends until its pipe closes, then finish and exit."""
     spec = json.loads(arg)
@@ -257,7 +246,9 @@ def child_main(arg: str) -> None:
     os.close(spec["users_fd"])
     ssd = SlabTier(TierSpec(**spec["ssd"]), spec["page_size"])
     io = ThreadPoolExecutor(spec["io_threads"], thread_name_prefix="ucm-io", initializer=background_priority)
-    counts = _Counts()
+    from ucm.tiers.store import StoreStats  # the store's own counters; what the Flusher adds is sent on
+
+    counts = StoreStats()
     flusher = Flusher(host, ssd, io, counts, spec["write_back"])
     sent = [0, 0]  # flushed, failures: what the engine has been told
     engine = [True]  # its end of the pipe is open

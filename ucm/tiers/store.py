@@ -247,10 +247,7 @@ class TieredStore:
 
     def lookup_prefix(self, ids: Sequence[bytes]) -> int:
         ids = list(ids)
-        self.host.refresh()
-        if self.ssd is not None:
-            self.ssd.refresh()
-        host, ssd = self.host.index.entries, (self.ssd.index.entries if self.ssd else {})
+        host, ssd = self._local_entries()
         n = 0
         for bid in ids:
             if bid not in host and bid not in ssd:
@@ -266,10 +263,7 @@ class TieredStore:
     def where(self, ids: Sequence[bytes], remote: bool = True) -> list[str]:
         """Per id: 'host', 'ssd', 'remote' or 'none' (`remote=False`: local tiers only): the fastest
         tier holding it."""
-        self.host.refresh()
-        if self.ssd is not None:
-            self.ssd.refresh()
-        host, ssd = self.host.index.entries, (self.ssd.index.entries if self.ssd is not None else {})
+        host, ssd = self._local_entries()
         out = ["host" if b in host else "ssd" if b in ssd else "none" for b in ids]
         if remote and self.remote is not None and "none" in out:
             missing = [k for k, w in enumerate(out) if w == "none"]
@@ -281,13 +275,18 @@ class TieredStore:
     def holders(self, ids: Sequence[bytes], remote: bool = True) -> list[tuple[str, ...]]:
         """Per id: every tier holding it, fastest first, e.g. ('host', 'ssd'); () where none does. For
         diagnostics: it asks the remote tier about every id (where() asks only about local misses)."""
-        self.host.refresh()
-        if self.ssd is not None:
-            self.ssd.refresh()
-        host, ssd = self.host.index.entries, (self.ssd.index.entries if self.ssd is not None else {})
+        host, ssd = self._local_entries()
         there = self.remote.exists(list(ids)) if remote and self.remote is not None else [False] * len(ids)
         return [tuple(t for t, held in (("host", b in host), ("ssd", b in ssd), ("remote", r)) if held)
                 for b, r in zip(ids, there)]
+
+    def _local_entries(self) -> tuple[dict, dict]:
+        """The host and SSD tiers' committed entries (id -> entry), refreshed from their logs."""
+        self.host.refresh()
+        if self.ssd is None:
+            return self.host.index.entries, {}
+        self.ssd.refresh()
+        return self.host.index.entries, self.ssd.index.entries
 
     def _writable(self) -> None:
         if self.readonly:
