@@ -26,10 +26,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-redis.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
 
 gpu-test:  # on the GPU machine, after sourcing .gpu-stage/device-setup.sh (tests/gpu/README.md)
-	scripts/gpu-test.sh
+	scripts/gpu-test.sh $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python bench/store.py

@@ -123,6 +123,8 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     if ONLY and spec["name"] not in ONLY:
         return {"skipped": True}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
+    if spec.get("debug"):
+        env["UNIFIED_CACHE_LOG_LEVEL"] = "DEBUG"  # ucm's lookup and load times per request
     t0 = time.perf_counter()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     errf = tempfile.TemporaryFile("w+")
@@ -143,6 +145,9 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     errf.seek(0)
     err = errf.read()
     log.write(f"=== {spec['name']} ({time.perf_counter() - t0:.0f} s, rc {proc.returncode})\n{err[-6000:]}\n")
+    if spec.get("debug"):
+        with open(os.path.join(os.environ.get("OUT", "/tmp"), f"stderr-{spec['name'].replace(' ', '-')}.txt"), "w") as f:
+            f.write(err)
     log.flush()
     line = next((l for l in lines if l.startswith("GPU-E2E ")), None)
     if line is None:
@@ -219,6 +224,9 @@ def main() -> None:
     ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
     ap.add_argument("--profile", default="idle", choices=sorted(PROFILE_FLAGS), help="py-spy's mode for plain and ucm")
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
+    ap.add_argument("--repeat", type=int, default=1, help="batch: run no connector and ucm (cold) this many times, "
+                    "alternating, each in a fresh process")
+    ap.add_argument("--ucm-debug", action="store_true", help="keep the ucm TTFT processes' debug logs under $OUT")
     ap.add_argument("--only", nargs="+", default=[], help='configurations to run, e.g. "batch ucm" "ttft offload"')
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.log"))
     args = ap.parse_args()
@@ -255,8 +263,17 @@ def main() -> None:
                                "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
                                "phases": cold_warm}, log)
         ttft["ucm"] = run({**base, "name": "ttft ucm", "prefix_caching": False, "connector": "UCMConnector",
-                           "extra": ucm(root, "ttft", gib), "phases": cold_warm}, log)
+                           "extra": ucm(root, "ttft", gib), "phases": cold_warm, "debug": args.ucm_debug}, log)
         shutil.rmtree(os.path.join(shm, "ttft"), ignore_errors=True)
+        if args.ablations:  # sync loads, copied layer by layer during the forward pass (not recoverable after a
+            # load error on vLLM 0.26's GPU runner, which is why `auto` loads asynchronously there)
+            root2 = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+            ttft["ucm layers"] = run({**base, "name": "ttft ucm layers", "prefix_caching": False,
+                                      "connector": "UCMConnector", "debug": args.ucm_debug, "phases": cold_warm,
+                                      "extra": {**ucm(root2, "ttft-layers", gib), "transfer": {"load_mode": "sync"}}},
+                                     log)
+            shutil.rmtree(os.path.join(shm, "ttft-layers"), ignore_errors=True)
+            shutil.rmtree(root2, ignore_errors=True)
         ttft["ssd"] = run({**base, "name": "ttft ucm ssd", "prefix_caching": False, "connector": "UCMConnector",
                            "extra": ucm(root, "ttft-fresh", gib), "phases": warm}, log)
         shutil.rmtree(os.path.join(shm, "ttft-fresh"), ignore_errors=True)
@@ -278,6 +295,14 @@ def main() -> None:
                             "phases": cold + [bt(2, sleep=2), prefill]}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+        for r in range(2, args.repeat + 1):  # alternating fresh processes: the machine's drift hits both
+            batch[f"plain #{r}"] = run({**base, "name": f"batch plain #{r}", "prefix_caching": False,
+                                        "phases": cold + [prefill]}, log)
+            root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+            batch[f"ucm #{r}"] = run({**ucm_batch, "name": f"batch ucm #{r}", "extra": ucm(root, f"batch{r}", gib),
+                                      "phases": cold + [prefill]}, log)
+            shutil.rmtree(os.path.join(shm, f"batch{r}"), ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         if args.ablations:
             variants = {"consumer": {"role": "kv_consumer"}, "host only": {"ssd": False},
                         "thread writer": {"writer": "thread"}, "switch 0.5 ms": {"switch_interval": 0.0005}}
@@ -317,7 +342,9 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
              f"{datetime.date.today()}. Llama-3-8B shapes, dummy weights, block 16, bf16, eager; TTFT one request "
              f"at a time (median of {args.prompts} prompts); each configuration one fresh process.",
              f"Command: `python3 bench/gpu_e2e.py --lengths {' '.join(map(str, args.lengths))} --prompts {args.prompts}"
-             f"{' --ablations' if args.ablations else ''}"
+             f"{' --no-ttft' if args.no_ttft else ''}{' --no-batch' if args.no_batch else ''}"
+             f"{' --ablations' if args.ablations else ''}{f' --repeat {args.repeat}' if args.repeat > 1 else ''}"
+             f"{' --ucm-debug' if args.ucm_debug else ''}"
              f"{' --results ' + args.results if args.results != 'gpu_e2e.md' else ''}"
              f"{' --only ' + ' '.join(repr(o) for o in args.only) if args.only else ''}` on the GPU machine "
              "(tests/gpu/README.md for the vLLM bundle).",
@@ -326,15 +353,18 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
     if ttft:
         lines += ["", "| prompt tokens | no cache ms | vLLM prefix-cache hit (floor) ms | OffloadingConnector CPU hit ms | "
                   "ucm host-tier hit ms | ucm SSD hit ms | copy limit ms | ucm host / copy limit | ucm host / Offloading | "
-                  "ucm SSD / no cache | ucm cold / no cache | Offloading cold / no cache |", "|---" * 12 + "|"]
+                  "ucm SSD / no cache | ucm cold / no cache | Offloading cold / no cache | ucm host hit, sync load "
+                  "layer by layer (`load_mode: sync`) ms |", "|---" * 13 + "|"]
         for k, n in enumerate(args.lengths):
             nocache, floor = med(ttft["plain"], 2 * k), med(ttft["plain"], 2 * k + 1)
             limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3)
             host, off, ssd = med(ttft["ucm"], 2 * k + 1), med(ttft["offload"], 2 * k + 1), med(ttft["ssd"], k)
+            layers = med(ttft["ucm layers"], 2 * k + 1) if "ucm layers" in ttft else float("nan")
             limit = limit if limit == limit else n * KV_PER_TOKEN / (h2d * 1e9) * 1e3  # no floor measured
             cells = [f"{nocache:.0f}", f"{floor:.0f}", f"{off:.0f}", f"{host:.0f}", f"{ssd:.0f}", f"{limit:.0f}",
                      f"{ratio(host, limit):.2f}x", f"{ratio(host, off):.2f}", f"{ratio(ssd, nocache):.2f}",
-                     f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}"]
+                     f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}",
+                     f"{layers:.0f}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in ttft.items()}
         lines.append(f"\nExternal tokens counted by vLLM per phase: {ext}")
@@ -362,10 +392,20 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         for key, r in batch.items():
             ext = r["phases"][1].get("external") if "phases" in r else None
             pre = div(tps(r, last(r)), plain_prefill)
-            lines.append(f"| {names.get(key, key)} | {tps(r, 1):.0f} | {div(tps(r, 1), plain):.2f} | {pre:.2f} | {ext} |")
+            base_key, _, rep = key.partition(" #")
+            label = names.get(base_key, base_key) + (f" (process {rep} of each)" if rep else "")
+            lines.append(f"| {label} | {tps(r, 1):.0f} | {div(tps(r, 1), plain):.2f} | {pre:.2f} | {ext} |")
             if key == "ucm" and "phases" in r:
                 lines.append(f"| ucm, every prompt in the host tier | {tps(r, 2):.0f} | {div(tps(r, 2), plain):.2f} | "
                              f"| {r['phases'][2].get('external')} |")
+        pairs = [(batch[p], batch[u]) for p, u in [("plain", "ucm")] + [(f"plain #{r}", f"ucm #{r}") for r in range(2, 99)]
+                 if p in batch and u in batch]
+        if len(pairs) > 1:
+            each = [div(tps(u, 1), tps(p, 1)) for p, u in pairs]
+            pre = [div(tps(u, last(u)), tps(p, last(p))) for p, u in pairs]
+            lines.append(f"\nucm cold store / no connector, each of {len(pairs)} alternating pairs of fresh processes: "
+                         f"{', '.join(f'{x:.3f}' for x in each)} (median {statistics.median(each):.3f}); prefill only: "
+                         f"{', '.join(f'{x:.3f}' for x in pre)} (median {statistics.median(pre):.3f})")
         crashed = [f"{k}: {v['crash']}" for k, v in batch.items() if "crash" in v]
         if crashed:
             lines.append(f"\ncrashed: {crashed}")

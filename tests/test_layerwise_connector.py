@@ -19,10 +19,9 @@ def _cfg(root, host):
             "ssd": {"path": os.path.join(root, "ssd"), "capacity": "256MiB"}}
 
 
-@pytest.fixture
-def stored(tmp_path):
-    """BLOCKS blocks saved by one worker and flushed to the SSD; returns (root, ids, their bytes)."""
-    w = debug_connector(ensure_model(), "worker", _cfg(tmp_path, "host-a"))
+def _save_blocks(root):
+    """A worker that saved BLOCKS random blocks to host tier "host-a"; (worker, ids, their bytes)."""
+    w = debug_connector(ensure_model(), "worker", _cfg(root, "host-a"))
     ids = [os.urandom(16) for _ in range(BLOCKS)]
     for kv in w.kv_caches.values():
         kv[:BLOCKS].copy_(torch.randn_like(kv[:BLOCKS]))
@@ -30,6 +29,13 @@ def stored(tmp_path):
     w.bind_connector_metadata(UCMConnectorMetadata(requests=[RequestMeta("r", dump_block_ids=(ids, list(range(BLOCKS))))]))
     w.wait_for_save()
     w.clear_connector_metadata()
+    return w, ids, pages
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """BLOCKS blocks saved by one worker and flushed to the SSD; returns (root, ids, their bytes)."""
+    w, ids, pages = _save_blocks(tmp_path)
     w.shutdown()
     close_shared()
     return tmp_path, ids, pages
@@ -73,3 +79,63 @@ def test_layers_not_awaited_fail_the_blocks_and_turn_layerwise_off(stored):
     w, dst, errors, layered = _load(root, ids, "host-d", wait_layers=3)
     assert layered and errors == set(dst)
     assert w.worker._layer_plan is None, "later loads are whole, before the forward pass"
+
+
+# ---- a GPU KV cache's path: host pages copied layer by layer (HostTransfer.from_host_groups) ------------
+def _host_layers_load(root, ids, wait_layers, break_copy=False):
+    """Load `ids` from the host tier they were saved to, through the GPU's layer-by-layer copy path
+    (run here on the CPU cache: its copies are done on return, the bookkeeping is the GPU's)."""
+    from ucm.integration.vllm.connector.layers import layer_plan
+
+    w = debug_connector(ensure_model(), "worker", _cfg(root, "host-a"))
+    wk = w.worker
+    wk._gpu_layers, wk._layer_plan = True, layer_plan(wk.layout, 0)
+    assert len(wk._layer_plan.groups) == len(w.kv_caches), "one layer per group"
+    if break_copy:
+        def fail(*a, **k):
+            raise RuntimeError("copy engine fault (injected)")
+        wk.xfer.from_host_groups = fail
+    dst = list(range(10, 10 + BLOCKS))
+    w.bind_connector_metadata(UCMConnectorMetadata(requests=[RequestMeta("r2", load_block_ids=(ids, dst))]))
+    for kv in w.kv_caches.values():
+        kv[dst] = 0
+    w.start_load_kv(None)
+    for name in list(w.kv_caches)[:wait_layers]:
+        w.wait_for_layer_load(name)
+    errors = w.get_block_ids_with_load_errors()
+    w.clear_connector_metadata()
+    return w, dst, errors
+
+
+@pytest.fixture
+def in_host(tmp_path):
+    """BLOCKS blocks saved to a host tier that stays open (its worker closes after the test)."""
+    w, ids, pages = _save_blocks(tmp_path)
+    yield tmp_path, ids, pages
+    w.shutdown()
+    close_shared()
+
+
+def test_host_hits_copied_layer_by_layer_are_exact_and_counted(in_host):
+    root, ids, pages = in_host
+    w, dst, errors = _host_layers_load(root, ids, wait_layers=10**6)
+    assert errors == set()
+    for name, kv in w.kv_caches.items():
+        assert torch.equal(kv[dst], pages[name]), name
+    assert w.worker.stats.data["host_hit_blocks"] == BLOCKS and w.worker.stats.data["loaded_blocks"] == BLOCKS
+    assert not w.worker.store.host.pins, "the pages are released after the step"
+
+
+def test_host_layers_not_awaited_fail_the_blocks_and_turn_layerwise_off(in_host):
+    root, ids, _ = in_host
+    w, dst, errors = _host_layers_load(root, ids, wait_layers=2)
+    assert errors == set(dst)
+    assert w.worker._layer_plan is None and not w.worker.store.host.pins
+
+
+def test_a_failed_layer_copy_is_a_load_error_and_loads_go_whole(in_host):
+    root, ids, _ = in_host
+    w, dst, errors = _host_layers_load(root, ids, wait_layers=10**6, break_copy=True)
+    assert errors == set(dst)
+    assert w.worker._layer_plan is None and not w.worker.store.host.pins
+    assert w.worker.stats.data["load_errors"] == BLOCKS

@@ -80,7 +80,7 @@ class TransferConfig:
 
     gpu_mode: str = "staged"  # staged: kernel into a GPU ring + DMA; direct: kernel writes host memory (UVA)
     direct_programs: int = 8  # persistent grid of the direct kernel (SMs it may occupy)
-    layerwise_load: bool = True  # SSD hits read layer group by layer group, overlapping the forward pass
+    layerwise_load: bool = True  # loads arrive layer by layer during the forward pass (GPU: host copies; CPU: SSD reads)
     layer_read_bytes: int = 512 << 10  # bytes of a page per read of a layer-wise load (first group: one layer)
     # sync: a request's hits load in the step that computes it (a failed load is recomputed by vLLM after
     # that step); async: before it is scheduled (vLLM's WAITING_FOR_REMOTE_KVS); auto: async where vLLM

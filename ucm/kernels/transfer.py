@@ -13,18 +13,27 @@ For a CPU cache (vLLM's CPU backend) both are the vectorised torch path straight
 All work is enqueued on the current stream; `synchronize()` waits for it. Saves and loads may run at
 once on two streams (two threads), so each direction stages through its own ring. The transfer layer alone
 touches the device: it registers host memory with CUDA (`register_host`) and owns the events.
+
+Layer-wise loads (`from_host_groups`): a load's pages go in layer groups (spans of each page), group
+after group on the current stream, with an event after each, so the forward pass can start on layer 0
+while later layers are in flight. `staged`: per group, one strided DMA per run of consecutive host slots
+(dma.py) into the ring, then the kernel scatters that group's segments; `direct`, or host pages too
+scattered for few DMAs: the kernel reads each group straight from pinned host memory.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import torch
 
+from ucm.kernels import dma
 from ucm.kernels.copy_blocks import pack, unpack
 from ucm.kernels.layout import KVLayout
 
 MODES = ("staged", "direct")
+RUN_LIMIT = 64  # runs of host slots per batch above which a layer group is read by the kernel, not DMA
 
 
 def _runs(values: Sequence[int]):
@@ -38,18 +47,47 @@ def _runs(values: Sequence[int]):
         k = j
 
 
+def _recorded(stream) -> torch.cuda.Event:
+    """An event recorded on `stream` now."""
+    ev = torch.cuda.Event()
+    ev.record(stream)
+    return ev
+
+
+class GroupCopies:
+    """One load's copies, enqueued layer group by layer group on one stream."""
+
+    def __init__(self, events: list):
+        self.events = events  # one per group, in order (none on a CPU: copies there are done on return)
+
+    def wait(self, group: int) -> None:
+        """Make the current stream wait until `group` has landed (the host does not wait)."""
+        if self.events:
+            torch.cuda.current_stream().wait_event(self.events[group])
+
+    def synchronize(self) -> None:
+        """Wait on the host until every group has landed."""
+        if self.events:
+            self.events[-1].synchronize()
+
+
 class HostTransfer:
-    def __init__(self, layout: KVLayout, mode: str = "staged", programs: int = 8, ring_bytes: int = 256 << 20):
-        """`programs`: persistent grid of the direct kernel; `ring_bytes`: GPU staging for `staged`."""
+    def __init__(self, layout: KVLayout, mode: str = "staged", programs: int = 8, ring_bytes: int = 256 << 20,
+                 staging: bool | None = None):
+        """`programs`: persistent grid of the direct kernel; `ring_bytes`: GPU staging for `staged`;
+        `staging`: go through the ring (default: on a GPU; tests force it on a CPU to check its logic)."""
         if mode not in MODES:
             raise ValueError(f"gpu_transfer must be one of {MODES}, got {mode!r}")
         self.layout = layout
         self.mode = mode
         self.programs = programs
         self.gpu = layout.device.type == "cuda"
+        self.staging = self.gpu if staging is None else staging
         self._registered: list[int] = []
         self._ring_pages = max(1, ring_bytes // layout.page_size)
-        self._rings: dict[bool, torch.Tensor] = {}  # to_host -> GPU staging, made at first use
+        self._rings: dict[tuple[bool, int], torch.Tensor] = {}  # (to_host, stream) -> staging, made at first use
+        self._spans: dict[tuple[int, int], KVLayout] = {}  # (page offset, bytes) -> the layout of that span
+        self._sides: dict[int, torch.cuda.Stream] = {}  # a load's stream -> the stream of its scatters
 
     def register_host(self, pages: torch.Tensor) -> bool:
         """Pin host memory the kernels read and write (the host tier's pages) with cudaHostRegister, so
@@ -94,30 +132,43 @@ class HostTransfer:
         """KV block block_ids[k] <- pages[slots[k]]."""
         self._move(block_ids, pages, slots, False)
 
+    def _index(self, values: Sequence[int]) -> torch.Tensor:
+        """int64 indices on the layout's device (uploaded without a host wait)."""
+        t = torch.tensor(list(values), dtype=torch.int64)
+        return t.pin_memory().to(self.layout.device, non_blocking=True) if self.gpu else t
+
+    def _ring(self, to_host: bool) -> torch.Tensor:
+        """The staging ring of this direction on the current stream (work on one stream runs in order,
+        so a ring is reused safely; loads on two streams get two rings)."""
+        key = (to_host, torch.cuda.current_stream().cuda_stream if self.gpu else 0)
+        ring = self._rings.get(key)
+        if ring is None:
+            ring = self._rings[key] = torch.empty((self._ring_pages, self.layout.page_size), dtype=torch.uint8,
+                                                  device=self.layout.device)
+        return ring
+
+    def _direct(self, pages: torch.Tensor) -> bool:
+        """The kernel reaches these pages itself: a CPU cache, or `direct` and pinned pages (the kernel
+        reaches pinned host memory only; unpinned pages are staged)."""
+        return not self.staging or (self.mode == "direct" and (not self.gpu or pages.is_pinned()))
+
     def _move(self, block_ids, pages, slots, to_host: bool) -> None:
         if len(block_ids) == 0:
             return
-        dev = self.layout.device
-        # direct: the kernel reaches pinned host memory only; unpinned pages are staged like `staged`
-        direct = self.mode == "direct" and (not self.gpu or pages.is_pinned())
-        if not self.gpu or direct:
-            idx = torch.as_tensor(list(block_ids), dtype=torch.int64)
-            where = torch.as_tensor(list(slots), dtype=torch.int64)
-            if self.gpu:
-                idx, where = idx.to(dev, non_blocking=True), where.to(dev, non_blocking=True)
+        if self._direct(pages):
             kw = {"num_programs": self.programs} if self.gpu else {}
-            (pack if to_host else unpack)(self.layout, idx, pages, where, **kw)
+            (pack if to_host else unpack)(self.layout, self._index(block_ids), pages, self._index(slots), **kw)
             return
-        ring = self._rings.get(to_host)
-        if ring is None:
-            ring = self._rings[to_host] = torch.empty((self._ring_pages, self.layout.page_size), dtype=torch.uint8,
-                                                      device=dev)
+        ring = self._ring(to_host)
+        if not to_host and ring.shape[0] >= 2:
+            self._load_in_halves(list(block_ids), pages, list(slots), ring)
+            return
         cap = ring.shape[0]
         ids, slots = list(block_ids), list(slots)
         size = self.layout.page_size
         for c in range(0, len(ids), cap):
             chunk_ids, chunk_slots = ids[c:c + cap], slots[c:c + cap]
-            idx = torch.tensor(chunk_ids, dtype=torch.int64).to(dev, non_blocking=True)
+            idx = self._index(chunk_ids)
             n = len(chunk_ids)
             if to_host:
                 pack(self.layout, idx, ring[:n])
@@ -129,3 +180,92 @@ class HostTransfer:
                     ring[k:k + length].copy_(host, non_blocking=True)
             if not to_host:
                 unpack(self.layout, idx, ring[:n])
+
+    def _load_in_halves(self, ids: list[int], pages: torch.Tensor, slots: list[int], ring: torch.Tensor) -> None:
+        """A staged load through the two halves of the ring: the DMA into one half runs while a second
+        stream scatters the other, so the copy engine never waits for the kernel. The caller's stream
+        waits for the scatters at the end."""
+        half = ring.shape[0] // 2
+        halves = (ring[:half], ring[half:2 * half])
+        size = self.layout.page_size
+        cur = torch.cuda.current_stream() if self.gpu else None
+        side = self._side_stream(cur)
+        idx = self._index(ids)
+        freed: list = [None, None]  # the scatter that last read each half
+        for c, start in enumerate(range(0, len(ids), half)):
+            buf, part = halves[c % 2], slots[start:start + half]
+            if freed[c % 2] is not None:
+                cur.wait_event(freed[c % 2])
+            for k, length in _runs(part):
+                buf[k:k + length].copy_(pages[part[k]:part[k] + length, :size], non_blocking=True)
+            if side is None:
+                unpack(self.layout, idx[start:start + len(part)], buf[:len(part)])
+                continue
+            side.wait_event(_recorded(cur))
+            with torch.cuda.stream(side):
+                unpack(self.layout, idx[start:start + len(part)], buf[:len(part)])
+                freed[c % 2] = _recorded(side)
+        if side is not None:
+            idx.record_stream(side)  # its memory is not reused before the scatters are done
+            cur.wait_stream(side)
+
+    def _side_stream(self, cur):
+        """The scatter stream paired with stream `cur` (None on a CPU)."""
+        if cur is None:
+            return None
+        side = self._sides.get(cur.cuda_stream)
+        if side is None:
+            side = self._sides[cur.cuda_stream] = torch.cuda.Stream(device=self.layout.device)
+        return side
+
+    # ---- layer-wise loads -------------------------------------------------------------------------
+    def span_layout(self, offset: int, nbytes: int) -> KVLayout:
+        """The layout of page bytes [offset, offset + nbytes) (whole segments): a page of that span."""
+        key = (offset, nbytes)
+        sub = self._spans.get(key)
+        if sub is None:
+            segs = tuple(replace(s, page_offset=s.page_offset - offset) for s in self.layout.segments
+                         if offset <= s.page_offset < offset + nbytes)
+            if sum(s.length for s in segs) != nbytes:
+                raise ValueError(f"page bytes [{offset}, {offset + nbytes}) are not whole segments of "
+                                 f"{self.layout.describe()}")
+            sub = self._spans[key] = replace(self.layout, segments=segs, page_size=nbytes)
+        return sub
+
+    def from_host_groups(self, batches: Sequence[tuple[Sequence[int], torch.Tensor, Sequence[int]]],
+                         spans: Sequence[tuple[int, int]]) -> GroupCopies:
+        """For each (block_ids, pages, slots) batch, KV block block_ids[k] <- pages[slots[k]], span by span
+        (`spans`: (page offset, bytes) of each layer group, in layer order), enqueued on the current
+        stream with an event after each span; returns at once on a GPU."""
+        work = [(self._index(ids), pages, list(slots), self._index(slots)) for ids, pages, slots in batches if ids]
+        events = []
+        for offset, nbytes in spans:
+            sub = self.span_layout(offset, nbytes)
+            for idx, pages, slots, where in work:
+                self._group_in(sub, offset, idx, pages, slots, where)
+            if self.gpu:
+                events.append(_recorded(torch.cuda.current_stream()))
+        return GroupCopies(events)
+
+    def _group_in(self, sub: KVLayout, offset: int, idx, pages: torch.Tensor, slots: list[int], where) -> None:
+        """One span of one batch: one strided copy per run of slots into the ring, then the scatter kernel;
+        straight from the pages when the kernel reaches them (or they are too scattered for few copies)."""
+        nbytes = sub.page_size
+        view = pages[:, offset:offset + nbytes]
+        runs = list(_runs(slots))
+        if self._direct(pages) or (self.gpu and pages.is_pinned() and len(runs) > RUN_LIMIT):
+            unpack(sub, idx, view, where, **({"num_programs": self.programs} if self.gpu else {}))
+            return
+        flat = self._ring(False).view(-1)
+        cap = flat.numel() // nbytes
+        pitch = pages.stride(0) * pages.element_size()
+        for c in range(0, len(slots), cap):
+            part = slots[c:c + cap]
+            rows = flat[:len(part) * nbytes].view(len(part), nbytes)
+            for k, length in _runs(part):
+                if self.gpu and dma.available():
+                    dma.copy_2d(rows[k].data_ptr(), nbytes, view[part[k]].data_ptr(), pitch, nbytes, length,
+                                torch.cuda.current_stream().cuda_stream)
+                else:
+                    rows[k:k + length].copy_(view[part[k]:part[k] + length], non_blocking=True)
+            unpack(sub, idx[c:c + cap], rows)

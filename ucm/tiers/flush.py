@@ -160,7 +160,7 @@ class Flusher:
         saying why not. Few Python steps per page: they hold the GIL the engine runs on."""
         ids, first = run
         out: list = ["evicted from host memory before the flush"] * len(ids)
-        pinned = [self.host.pin(bid) for bid in ids]
+        pinned = self.host.pin_many(ids)
         try:
             live = [k for k, p in enumerate(pinned) if p is not None]
             views = {k: memoryview(self.host.slots.page(pinned[k][0]).numpy()) for k in live}

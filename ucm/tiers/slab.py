@@ -108,10 +108,13 @@ class MemorySlots:
         finally:
             fcntl.flock(self._fd, fcntl.LOCK_UN)  # explicit: mmap keeps a dup of fd, which would keep the lock
         self._ready: set[int] = set()  # chunks known to be allocated
-        self._ahead = threading.Lock()  # one background preparation at a time
         self.tensor = torch.frombuffer(self._mm, dtype=torch.uint8).view(num_slots, slot_size)
-        # the first chunks, while the caller is still starting up: a first save must not pay for them
-        threading.Thread(target=self._prepare_ahead, args=(1,), name="ucm-prefault", daemon=True).start()
+        # one thread prepares chunks ahead of use (a thread started per request would cost the engine a
+        # GIL hand-over each); the first chunks while the caller is still starting up
+        self._want, self._closed = 1, False
+        self._wake = threading.Event()
+        threading.Thread(target=self._prefault, name="ucm-prefault", daemon=True).start()
+        self._wake.set()
         self.on_tmpfs = filesystem_type(self.path) in ("tmpfs", "hugetlbfs")  # where CUDA can pin it
 
     def _prepare(self, chunk: int) -> None:
@@ -122,24 +125,26 @@ class MemorySlots:
         _populate(self.tensor.data_ptr() + start, length)
         self._ready.add(chunk)
 
-    def _prepare_ahead(self, upto: int) -> None:
-        if not self._ahead.acquire(blocking=False):
-            return
-        try:
-            for chunk in range(upto + 1):
-                if chunk * self.CHUNK >= len(self._mm):
-                    break
-                if chunk not in self._ready:
-                    self._prepare(chunk)
-        except (OSError, ValueError):  # ValueError: the tier closed meanwhile
-            pass  # the hot path reports it, for the slot that needs it
-        finally:
-            self._ahead.release()
+    def _prefault(self) -> None:
+        """The prefault thread: prepares every chunk up to `_want` whenever woken."""
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._closed:
+                return
+            try:
+                for chunk in range(self._want + 1):
+                    if chunk * self.CHUNK >= len(self._mm):
+                        break
+                    if chunk not in self._ready:
+                        self._prepare(chunk)
+            except (OSError, ValueError):  # ValueError: the tier closed meanwhile
+                pass  # the hot path reports it, for the slot that needs it
 
     def ensure(self, slots: list[int]) -> list[int]:
         """Allocate the memory behind these slots; returns the slots whose memory could not be had.
-        Also prepares the next two chunks on a background thread, so later dumps and promotions
-        find their memory ready."""
+        Also has the prefault thread prepare the next two chunks, so later dumps and promotions find
+        their memory ready."""
         bad, top = [], 0
         for slot in slots:
             first = slot * self.slot_size // self.CHUNK
@@ -154,14 +159,17 @@ class MemorySlots:
                     log.warning("no memory for host tier slot %d in %s: %s", slot, self.path, e.strerror)
                     bad.append(slot)
                     break
-        if slots and not bad and top + 2 not in self._ready:
-            threading.Thread(target=self._prepare_ahead, args=(top + 2,), name="ucm-prefault", daemon=True).start()
+        if slots and not bad and top + 2 > self._want:
+            self._want = top + 2
+            self._wake.set()
         return bad
 
     def page(self, slot: int) -> torch.Tensor:
         return self.tensor[slot]
 
     def close(self) -> None:
+        self._closed = True
+        self._wake.set()
         self.tensor = None
         try:
             self._mm.close()
@@ -468,13 +476,34 @@ class SlabTier:
     # ---- pinning: a pinned slot is never evicted by this process --------------------------------
     def pin(self, block_id: bytes):
         """(slot, checksum, version) of a committed block, pinned; None if absent."""
+        return self.pin_many([block_id])[0]
+
+    def pin_many(self, block_ids: list[bytes]) -> list[tuple[int, int, int] | None]:
+        """`pin` of each block, under one lock (a load's whole request at once)."""
         with self.lock:
-            e = self.index.entries.get(block_id)
-            if e is None:
-                return None
-            self.pins[e.slot] += 1
-            self.index.touch(block_id)
-            return e.slot, e.checksum, self.index.version(e.slot)
+            entries, index, pins = self.index.entries, self.index, self.pins
+            out: list[tuple[int, int, int] | None] = []
+            for bid in block_ids:
+                e = entries.get(bid)
+                if e is None:
+                    out.append(None)
+                    continue
+                pins[e.slot] += 1
+                index.touch(bid)
+                out.append((e.slot, e.checksum, index.version(e.slot)))
+            return out
+
+    def release_checked(self, pinned: list[tuple[int, int]]) -> list[bool]:
+        """For (slot, version) pairs pinned by `pin`: whether each slot is still unchanged (`still_valid`,
+        one refresh for all), then unpin them."""
+        with self.lock:
+            self.index.refresh()
+            ok = [self.index.version(slot) == version for slot, version in pinned]
+            for slot, _ in pinned:
+                self.pins[slot] -= 1
+                if self.pins[slot] <= 0:
+                    del self.pins[slot]
+            return ok
 
     def unpin(self, slot: int) -> None:
         with self.lock:

@@ -387,16 +387,15 @@ class TieredStore:
             return task
         self.host.refresh()
         hit_rows, hit_slots, misses = [], [], []
-        for i, bid in enumerate(ids):
-            pinned = self.host.pin(bid)
+        for i, pinned in enumerate(self.host.pin_many(ids)):
             if pinned is not None:
                 slot, _, version = pinned
                 hit_rows.append(i)
                 hit_slots.append(slot)
                 task._checks.append((slot, version, i))
-                self.stats.host_hits += 1
             else:
                 misses.append(i)
+        self.stats.host_hits += len(hit_rows)
         task._hits = (hit_rows, hit_slots)
         if misses:
             futures = self.promoter.start([ids[i] for i in misses])
@@ -454,10 +453,10 @@ class TieredStore:
             if task._promotions:  # promotions the caller never consumed: take and release their pins
                 for _ in task.ready():
                     pass
-            for slot, version, i in task._checks:
-                if not self.host.still_valid(slot, version):
+            checks = task._checks
+            for (_, _, i), ok in zip(checks, self.host.release_checked([(s, v) for s, v, _ in checks])):
+                if not ok:
                     task.fail(i, "host page reused by another process during the copy")
-                self.host.unpin(slot)
             self._count_load(len(task.ids), task.errors, task.ids, task.nbytes, ssd=False)
         task._checks, task._done = [], True
         return len(task.errors)

@@ -5,6 +5,6 @@
     scheduler.py  SchedulerSide: lookups, loads to make, blocks to save
     worker.py     WorkerSide: the CPU/GPU choice at registration, loads, layer-wise loads, saves
     saves.py      how saves run (inline on a CPU, on a stream and thread on a GPU) and their fences
-    layers.py     LayerPlan: a page's layer groups for layer-wise loads
+    layers.py     LayerPlan: a page's layer groups; HostLayers: a GPU load copied layer by layer
     stats.py      UCMConnectorStats: vLLM's connector stats
 """

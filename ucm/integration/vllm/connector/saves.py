@@ -20,7 +20,7 @@ from typing import Callable
 
 from ucm.tiers.flush import background_priority
 
-SaveJob = Callable[[object], None]  # job(event): copies and commits one request's blocks; never raises
+SaveJob = Callable[[object], None]  # job(stream): copies and commits one step's blocks; never raises
 
 
 class Saves:
@@ -51,16 +51,18 @@ class Saves:
         event.record()
         return event
 
-    def submit(self, req_id: str, job: SaveJob, event) -> None:
+    def submit(self, req_ids: list[str], job: SaveJob, event) -> None:
+        """Run `job` (the saves of these requests in one step) after `event`."""
         with self._cv:
-            self._pending[req_id] = self._pending.get(req_id, 0) + 1
-            self._had_saves.add(req_id)
+            for r in req_ids:
+                self._pending[r] = self._pending.get(r, 0) + 1
+                self._had_saves.add(r)
         if self._q is not None:
-            self._q.put((req_id, job, event))
+            self._q.put((req_ids, job, event))
         else:
-            self._run(req_id, job, None)
+            self._run(req_ids, job, None)
 
-    def _run(self, req_id: str, job: SaveJob, event) -> None:
+    def _run(self, req_ids: list[str], job: SaveJob, event) -> None:
         try:
             if event is not None:
                 import torch
@@ -72,7 +74,8 @@ class Saves:
                 job(None)
         finally:
             with self._cv:
-                self._pending[req_id] -= 1
+                for r in req_ids:
+                    self._pending[r] -= 1
                 self._cv.notify_all()
 
     def _loop(self) -> None:

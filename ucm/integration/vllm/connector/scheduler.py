@@ -168,6 +168,7 @@ class SchedulerSide:
             elif new_ids is not None:
                 st.block_ids += new_ids[0]
             steps.append((req_id, cached.num_computed_tokens[i]))
+        new_full: list[tuple[RequestState, RequestMeta, list[bytes], int]] = []  # blocks that became full
         for req_id, computed in steps:
             st = self.reqs[req_id]
             after = computed + sched.get(req_id, 0)
@@ -182,20 +183,23 @@ class SchedulerSide:
             full = min(after, st.request.num_tokens) // self.block_size if self.saves else 0
             full = min(full, len(st.block_ids), len(st.block_ids) if st.save_limit is None else st.save_limit)
             if full > st.saved_upto:
-                ids = self._ids(st, full)[st.saved_upto:full]
-                present = self.store.lookup(self.identity.for_rank(ids, 0), remote=False)
-                todo = [k for k, p in enumerate(present) if not p]
-                if todo:
-                    rm.dump_block_ids = ([ids[k] for k in todo], [st.block_ids[st.saved_upto + k] for k in todo])
-                    st.dumps_scheduled = True
+                new_full.append((st, rm, self._ids(st, full)[st.saved_upto:full], st.saved_upto))
                 st.saved_upto = full
-            if rm.load_block_ids[0] or rm.dump_block_ids[0]:
-                meta.requests.append(rm)
+            meta.requests.append(rm)
             if self.blend is not None:
                 brm = self.blend.step(req_id, computed, after, st.block_ids)
                 if brm is not None:
                     meta.blend.append(brm)
                     scheduler_output.has_sync_kv_loads = True  # blending is armed before the forward pass
+        if new_full:  # one lookup for the whole step: which of the new full blocks are not stored yet
+            present = iter(self.store.lookup(self.identity.for_rank([i for _, _, ids, _ in new_full for i in ids], 0),
+                                             remote=False))
+            for st, rm, ids, first in new_full:
+                todo = [k for k in range(len(ids)) if not next(present)]
+                if todo:
+                    rm.dump_block_ids = ([ids[k] for k in todo], [st.block_ids[first + k] for k in todo])
+                    st.dumps_scheduled = True
+        meta.requests = [rm for rm in meta.requests if rm.load_block_ids[0] or rm.dump_block_ids[0]]
         for req_id in meta.preempted:
             st = self.reqs.get(req_id)
             if st is not None:

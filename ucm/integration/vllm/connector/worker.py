@@ -2,12 +2,14 @@
 
 `register_kv_caches` is where the KV cache's device becomes known, so every CPU/GPU choice is made there,
 once: the transfer engine, whether the host tier is registered with CUDA, how saves run (saves.py) and
-whether SSD hits are read layer by layer (a CPU KV cache: reads land in it directly).
+which loads go layer by layer (layers.py).
 
-Loads: host-tier hits, and every hit when layer-wise loading does not apply, are copied whole before the
-forward pass; SSD hits holding only cached tokens are read layer group by layer group while it runs
-(`wait_for_layer_load`). A block that fails to load is reported to vLLM (`get_block_ids_with_load_errors`),
-which recomputes from there; the request's saves of that step are dropped (its new KV attended to the
+Loads, layer by layer while the forward pass runs (`wait_for_layer_load` waits for a layer's group):
+on a GPU, every hit is copied from host pages one layer at a time on a stream of its own (SSD hits are
+first read into host memory), the forward pass waiting on the device; on a CPU, SSD hits holding only
+cached tokens are read from the SSD layer group by layer group into the KV cache. Every other hit is
+copied whole before the forward pass. A block that fails to load is reported to vLLM
+(`get_block_ids_with_load_errors`), which recomputes from there; the request's saves of that step are dropped (its new KV attended to the
 missing blocks), and the scheduler side saves the recomputed blocks again.
 
 Async loads (`RequestMeta.load_async`: the request is not in the step) run whole on a load thread (a CUDA
@@ -27,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ucm.config import UCMConfig
-from ucm.integration.vllm.connector.layers import LayerPlan, layer_plan
+from ucm.integration.vllm.connector.layers import HostLayers, LayerPlan, layer_plan
 from ucm.integration.vllm.connector.metadata import RequestMeta, UCMConnectorMetadata
 from ucm.integration.vllm.connector.saves import Saves
 from ucm.integration.vllm.connector.stats import GAUGE_KEYS, STAT_KEYS, UCMConnectorStats
@@ -80,7 +82,11 @@ class WorkerSide:
         self._step_loads: dict[str, set[int]] = {}  # this step: request -> vLLM blocks it loads
         self._step_failed: set[int] = set()  # this step's failed vLLM blocks
         self._layer_plan: LayerPlan | None = None
-        self._layered: tuple[RangedLoad, list[int], float] | None = None  # this step's layer-wise load
+        self._gpu_layers = False  # _layer_plan copies host pages to a GPU (else: reads SSD pages on a CPU)
+        self._layer_stream = None  # a GPU's stream for layer-wise copies
+        # this step's layer-wise load: (RangedLoad or HostLayers, vLLM blocks, start, (host, ssd, remote) hits
+        # counted when it started, or None: all from the SSD)
+        self._layered: tuple[RangedLoad | HostLayers, list[int], float, tuple[int, int, int] | None] | None = None
         self._layers_waited: set[int] = set()
         self._layer_pool = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="ucm-layers")
         self._async: dict[str, Future] = {}  # request -> its async load (a LoadResult), until reported
@@ -115,6 +121,7 @@ class WorkerSide:
         self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
         self.saves = Saves(gpu)
         self._load_stream = torch.cuda.Stream() if gpu else None
+        self._layer_stream = torch.cuda.Stream() if gpu else None
         host = self.store.host
         if gpu:
             if not host.slots.on_tmpfs:
@@ -126,15 +133,19 @@ class WorkerSide:
                 log.warning("cudaHostRegister of the host tier failed; GPU copies will be slower")
         if self._saves:
             self.store.start_writer()  # a helper process starts while vLLM profiles and warms up
-        use_layers = self._layerwise and not gpu and self.store.ssd is not None
-        self._layer_plan = layer_plan(self.layout, tc) if use_layers else None
-        how = "whole, before the forward pass"
-        if self._layer_plan:
+        self._layer_plan, self._gpu_layers = None, gpu
+        if self._layerwise and gpu:
+            self._layer_plan = layer_plan(self.layout, 0)
+        elif self._layerwise and self.store.ssd is not None:
+            self._layer_plan = layer_plan(self.layout, tc.layer_read_bytes)
+        how = "hits load whole, before the forward pass"
+        if self._layer_plan and gpu:
+            how = f"hits load layer by layer from host memory ({len(self._layer_plan.groups)} groups) when synchronous"
+        elif self._layer_plan:
             aligned = all(s.addr % DIRECT_ALIGN == 0 and s.block_stride % DIRECT_ALIGN == 0 for s in self.layout.segments)
-            how = (f"layer by layer in {len(self._layer_plan.groups)} groups, "
+            how = (f"SSD hits load layer by layer in {len(self._layer_plan.groups)} groups, "
                    f"{'straight into the KV cache' if aligned else 'through a bounce buffer (KV cache not 4 KiB aligned)'}")
-        log.info("worker rank %d: %s; store %s; SSD hits load %s", self.rank, self.layout.describe(),
-                 self.store.storage_path, how)
+        log.info("worker rank %d: %s; store %s; %s", self.rank, self.layout.describe(), self.store.storage_path, how)
 
     # ---- loads ------------------------------------------------------------------------------------
     def start_load_kv(self, meta: UCMConnectorMetadata) -> None:
@@ -160,6 +171,9 @@ class WorkerSide:
             return
         t0 = time.perf_counter()
         store_ids = self.identity.for_rank(ids, self.rank)
+        if self._layer_plan is not None and self._gpu_layers:
+            self._start_host_layers(store_ids, vids, t0)
+            return
         layered: list[int] = []
         if self._layer_plan is not None:
             where = self.store.where(store_ids, remote=False)
@@ -170,7 +184,7 @@ class WorkerSide:
             try:
                 load = self.store.load_layers(lids, plan.groups, lambda i, r: plan.address(lvids[i], r),
                                               self._layer_pool)
-                self._layered = (load, lvids, t0)
+                self._layered = (load, lvids, t0, None)
             except Exception as e:  # noqa: BLE001 - fall back to whole loads, never fail the step
                 log_load.error("layer-wise load could not start (%s: %s); loading whole", type(e).__name__, e)
                 layered = []
@@ -180,6 +194,34 @@ class WorkerSide:
             store_ids, vids = [store_ids[k] for k in rest], [vids[k] for k in rest]
         if store_ids:
             self._load_whole(store_ids, vids, t0)
+
+    def _start_host_layers(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
+        """Start copying a step's hits into vLLM blocks `vids` layer by layer on the layer stream (after
+        reading SSD hits into host memory); `finish_layered` verifies them after the forward pass."""
+        st = self.store.stats
+        before = (st.host_hits, st.ssd_hits, st.remote_hits)
+        task = self.store.prepare_load(store_ids)
+        batches = [([vids[i] for i in which], pages, slots) for pages, slots, which in task.ready()]
+        hits = (st.host_hits - before[0], st.ssd_hits - before[1], st.remote_hits - before[2])
+        stream = self._layer_stream  # None on a CPU (tests): the copies are done on return
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # the blocks' previous users are done with them
+        try:
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                copies = self.xfer.from_host_groups(batches, self._layer_plan.spans)
+        except Exception as e:  # noqa: BLE001 - a failed copy is recomputed by vLLM, never a crash
+            if stream is not None:
+                stream.synchronize()
+            log_load.error("layer-wise copy of %d blocks failed (%s: %s); they are recomputed and loads are "
+                           "whole from now on", len(vids), type(e).__name__, e)
+            self._layer_plan = None
+            for i in range(len(vids)):
+                task.fail(i, f"layer-wise copy failed: {type(e).__name__}: {e}")
+            self.store.wait(task)
+            self._count_load(LoadResult(len(vids), {vids[i]: why for i, why in task.errors.items()},
+                                        seconds=time.perf_counter() - t0))
+            return
+        self._layered = (HostLayers(self.store, task, copies, self._layer_plan), vids, t0, hits)
 
     def _copy_in(self, store_ids: list[bytes], vids: list[int]) -> LoadResult:
         """Load blocks whole into vLLM blocks `vids` (on the current stream, synchronized) and verify them."""
@@ -259,7 +301,7 @@ class WorkerSide:
         """Wait for the layer-wise reads and verify them; failed blocks become load errors."""
         if self._layered is None:
             return
-        load, lvids, t0 = self._layered
+        load, lvids, t0, hits = self._layered
         self._layered = None
         errors = load.finish()
         unwaited = set(range(len(load.groups))) - self._layers_waited
@@ -271,8 +313,9 @@ class WorkerSide:
             errors = {i: "layer not awaited by the forward pass" for i in range(len(lvids))}
             self._layer_plan = None
         failed = {lvids[i]: why for i, why in errors.items()}
-        self._count_load(LoadResult(len(lvids), failed, ssd=len(lvids) - len(errors), seconds=time.perf_counter() - t0))
-        log_load.debug("read %d blocks (%d MiB) from SSD layer by layer, finished %.1f ms after the step began",
+        host, ssd, remote = hits if hits is not None else (0, len(lvids) - len(errors), 0)
+        self._count_load(LoadResult(len(lvids), failed, host, ssd, remote, time.perf_counter() - t0))
+        log_load.debug("loaded %d blocks (%d MiB) layer by layer, finished %.1f ms after the step began",
                        len(lvids) - len(errors), (len(lvids) - len(errors)) * self.page_size >> 20,
                        1e3 * (time.perf_counter() - t0))
 
@@ -283,11 +326,13 @@ class WorkerSide:
 
     # ---- saves ------------------------------------------------------------------------------------
     def wait_for_save(self, meta: UCMConnectorMetadata) -> None:
-        """Hand this step's newly full blocks to the saver (saves.py). A request whose loads failed in
-        this step saves nothing of it: its new KV attended to blocks that were not there."""
+        """Hand this step's newly full blocks to the saver (saves.py), all requests in one save: one
+        reservation, one copy and one commit per step, not per request (every save costs Python time on
+        the GIL the engine's kernel launches need). A request whose loads failed in this step saves
+        nothing of it: its new KV attended to blocks that were not there."""
         self.finish_layered()
         self._forward_ran = True
-        event = self.saves.step_event() if self.saves is not None else None
+        jobs: list[tuple[str, list[bytes], list[int]]] = []
         for rm in meta.requests:
             ids, vids = rm.dump_block_ids
             if not ids:
@@ -297,25 +342,32 @@ class WorkerSide:
                               rm.req_id, len(ids))
                 self.stats.add(saves_dropped=len(ids))
                 continue
-            self.saves.submit(rm.req_id, lambda stream, r=rm.req_id, i=ids, v=vids: self._save(r, i, v), event)
+            jobs.append((rm.req_id, list(ids), list(vids)))
+        if jobs and self.saves is not None:
+            event = self.saves.step_event()
+            self.saves.submit([r for r, _, _ in jobs], lambda stream, j=jobs: self._save(j), event)
 
-    def _save(self, req_id: str, ids: list[bytes], vids: list[int]) -> None:
-        """Copy one request's new blocks into the host tier and commit them; never raises."""
+    def _save(self, jobs: list[tuple[str, list[bytes], list[int]]]) -> None:
+        """Copy the step's new blocks ((request, ids, vLLM blocks) each) into the host tier and commit
+        them; never raises."""
+        n = sum(len(ids) for _, ids, _ in jobs)
         try:
             t0 = time.perf_counter()
-            store_ids = self.identity.for_rank(ids, self.rank) if self.identity.saves_on(self.rank) else []
-            if not store_ids:
+            if not self.identity.saves_on(self.rank):
                 return
+            store_ids = self.identity.for_rank([i for _, ids, _ in jobs for i in ids], self.rank)
+            vids = [v for _, _, vs in jobs for v in vs]
             task = self.store.prepare_dump(store_ids)
             self.xfer.save(task, vids)
             self.store.commit(store_ids, [i not in task.errors for i in range(len(store_ids))])
             ok = len(store_ids) - len(task.errors)
             self.stats.add(saved_blocks=ok, save_failures=len(task.errors), save_bytes=ok * self.page_size,
                            save_seconds=time.perf_counter() - t0)
-            log_save.debug("req %s: saved %d blocks in %.1f ms", req_id, ok, 1e3 * (time.perf_counter() - t0))
+            log_save.debug("saved %d blocks of %d requests in %.1f ms", ok, len(jobs), 1e3 * (time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 - a failed save is a future miss, never a crash
-            log_save.error("req %s: save of %d blocks failed: %s: %s", req_id, len(ids), type(e).__name__, e)
-            self.stats.add(save_failures=len(ids))
+            log_save.error("save of %d blocks of %d requests (first %s) failed: %s: %s", n, len(jobs), jobs[0][0],
+                           type(e).__name__, e)
+            self.stats.add(save_failures=n)
 
     def handle_preemptions(self, meta: UCMConnectorMetadata) -> None:
         if meta.preempted and self.saves is not None:
