@@ -36,6 +36,44 @@ def test_spans_are_selected_whole_by_their_most_deviating_token():
     assert step.sel.tolist() == [0, 1, 2, 3, 6, 7, 8, 9, 10, 11] and step.recomputed == 4
 
 
+def test_each_request_keeps_its_own_share_whatever_else_is_in_the_batch():
+    """Two requests, four reused tokens each, ratio 1/4: the second's keys all deviate more than any of
+    the first's, yet each recomputes its own most deviating token; alone, the first recomputes the same."""
+    g = torch.Generator().manual_seed(1)
+    cached = torch.randn(8, 2, 4, generator=g)
+    fresh = torch.zeros(10, 2, 4)
+    fresh[:8] = cached
+    fresh[2] += 1.0  # request 0 (batch rows 0-3, positions 100-103): its most deviating token
+    fresh[4:8] += 5.0
+    fresh[6] += 1.0
+    req = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    step = BlendStep(1, 0.25, 1, torch.arange(8), cached, reused_req=req,
+                     reused_pos=torch.tensor([100, 101, 102, 103, 40, 41, 42, 43]), always=[8, 9])
+    step.select(fresh)
+    assert step.sel.tolist() == [2, 6, 8, 9] and step.recomputed == 2
+    alone = BlendStep(1, 0.25, 1, torch.arange(4), cached[:4], always=[4])
+    alone.select(torch.cat([fresh[:4], torch.zeros(1, 2, 4)]))
+    assert alone.sel.tolist() == [2, 4]
+
+
+def test_spans_follow_token_positions_not_batch_positions():
+    """The same request at another batch offset selects the same tokens: spans are aligned on its
+    token positions."""
+    picks = []
+    for offset in (0, 3):
+        g = torch.Generator().manual_seed(2)
+        cached = torch.randn(6, 2, 4, generator=g)
+        fresh = torch.zeros(offset + 7, 2, 4)
+        fresh[offset:offset + 6] = cached
+        fresh[offset + 1] += 5.0  # position 33: its span is positions 32-33
+        idx = torch.arange(offset, offset + 6)
+        step = BlendStep(1, 2 / 6, 2, idx, cached, reused_req=torch.zeros(6, dtype=torch.int64),
+                         reused_pos=torch.arange(32, 38), always=[offset + 6])
+        step.select(fresh)
+        picks.append([int(i) - offset for i in step.sel if i < offset + 6 and i >= offset])
+    assert picks[0] == picks[1] == [0, 1]
+
+
 def test_ratio_zero_and_one():
     step, fresh = _step(ratio=0.0)
     step.select(fresh + 1)

@@ -90,6 +90,45 @@ def test_a_repeated_prompt_is_an_exact_prefix_hit_not_a_blend(tmp_path):
     assert r["phase_metrics"][4].get(EXT, 0) == 0
 
 
+@pytest.mark.parametrize("mp", [False, True], ids=["single-process", "multiprocessing"])
+def test_blended_kv_is_never_a_prefix_hit_with_vllms_prefix_cache_on(tmp_path, mp):
+    """vLLM's prefix caching on (its default): the blended prompt sent again, and a new question after
+    the same preamble and documents, find in vLLM's cache only the block before the first reused token
+    (exact) and are blended again; nothing past that block reaches ucm's prefix pages either (a fresh
+    process without the blend patches, a prefix cache then, finds that block only). recompute_ratio 1.0 keeps every blended pass at full prefill's
+    tokens, so the check also sees that the first pass's blocks did not change what the later ones get."""
+    other = RAG[0][:-len(QUESTION)] + _text(20, 3600)
+    exact = (len(PRE_B) + 1) // BLOCK * BLOCK  # the full blocks before the first reused token
+    root = str(tmp_path)
+    r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[0]], [RAG[0]], [other]],
+                 connector=blend(root, recompute_ratio=1.0), prefix_caching=True, multiprocessing=mp, max_tokens=8)
+    assert reused_tokens(r["log"]) == REUSED[:1] * 3, r["log"][-3000:]
+    assert [r["phases"][k][0]["num_cached_tokens"] for k in (4, 5)] == [exact, exact]
+    want = full_prefill()["phases"][0][0]["tokens"]
+    assert r["phases"][3][0]["tokens"] == want and r["phases"][4][0]["tokens"] == want
+    if not mp:
+        fresh = run_vllm([[other]], connector=blend(root), prefix_caching=True, max_tokens=8,
+                         env={"UCM_DISABLE_PATCHES": "1"})
+        assert fresh["phase_metrics"][0].get(EXT, 0) == exact
+
+
+def test_a_request_blends_the_same_alone_and_in_a_batch(tmp_path):
+    """What a request recomputes is chosen among its own reused tokens: the same prompt alone and first
+    in a batch of 8 blended prompts (documents in other orders, other preambles) gets the same KV, so
+    the same tokens and logprobs (float32; the control shows full prefill itself is batch-independent
+    here)."""
+    orders = [(2, 0, 1), (1, 2), (0, 1, 2), (1, 0), (2, 1, 0), (0, 2), (2, 1)]
+    others = [_text(30 + 5 * k, 4000 + 100 * k) + [t for d in o for t in [SEP] + DOCS[d]] + [SEP] + QUESTION
+              for k, o in enumerate(orders)]
+    docs = [[d + [SEP]] for d in DOCS]
+    common = dict(max_tokens=8, dtype="float32", max_num_batched_tokens=8192)
+    r = run_vllm(docs + [[RAG[0]], [RAG[0]] + others], connector=blend(str(tmp_path)), **common)
+    assert len(reused_tokens(r["log"])) == 2 and reused_tokens(r["log"])[1] > REUSED[0], r["log"][-3000:]
+    assert_identical([r["phases"][4][0]], r["phases"][3], tol=1e-4)
+    ref = run_vllm([[RAG[0]], [RAG[0]] + others], **common)["phases"]
+    assert_identical([ref[1][0]], ref[0], tol=1e-4)
+
+
 def test_chunk_boundaries_from_kv_transfer_params(tmp_path):
     docs = [{"tokens": d, "chunks": [[0, len(d)]]} for d in DOCS[:2]]
     prompt = PRE_A + DOCS[1] + DOCS[0] + QUESTION

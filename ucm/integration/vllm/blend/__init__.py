@@ -34,8 +34,14 @@ class BlendComponent:
             self.rope = RopeSpec.from_hf_config(vllm_config.model_config.hf_config)
         except (RopeUnsupported, TypeError, AttributeError) as e:
             self.why_not = f"RoPE cannot be re-rotated ({e})"
+        from vllm.platforms import current_platform
+
         from ucm.integration.vllm.patch.apply_patch import patch_report
 
+        if not self.why_not and not current_platform.is_cpu():
+            # the scheduler never sees the attention backend: without this it would plan blends that the
+            # worker then declines, and those requests would lose their prefix hits too
+            self.why_not = f"blending runs on vLLM's CPU attention backend (platform: {current_platform.device_type})"
         report = patch_report()
         for name in ("attention", "decoder_layer"):
             state = report.get(name, "missing")

@@ -5,11 +5,18 @@ A request's plan is made at its first lookup and kept until it finishes: a looku
 ask repeatedly, and asks again when it resumes a preempted request) returns the same decision, and
 each prefill step arms the loads and saves that fall in the tokens it computes, so a resumed request
 (computing its tokens again, in new blocks) is blended exactly as it was the first time.
+
+Blended KV is approximate from the block of the first reused token on, and must never be served as an
+exact prefix: ucm saves no prefix pages past that block (the save limit), and `keep_out_of_prefix_cache`
+gives those blocks vLLM block hashes no other request computes, so vLLM's own prefix cache (on by
+default) never hands them to another request, whatever `enable_prefix_caching` says.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
@@ -25,6 +32,24 @@ if TYPE_CHECKING:
 
 log = get_logger("Blend")
 CHUNKS_PARAM = "ucm_blend_chunks"
+
+
+def keep_out_of_prefix_cache(request: "Request", first_block: int) -> int:
+    """Give the request's vLLM block hashes from `first_block` on values only this request has, so the
+    blocks vLLM caches for it there are never a prefix hit of another request; returns how many changed.
+
+    vLLM hashes a request's full blocks when it is created (before any connector call) and chains the
+    hashes of later blocks from the last one, so the hashes of the blocks still to come are private too.
+    The request itself, resumed after a preemption, still finds its own blocks. vLLM hashes in units of
+    its block size, which is the connector's block size here."""
+    hashes = getattr(request, "block_hashes", None)
+    if not hashes or first_block >= len(hashes):
+        return 0
+    tag = b"ucm-blend|" + os.urandom(16)
+    for i in range(first_block, len(hashes)):
+        h = hashes[i]
+        hashes[i] = type(h)(hashlib.sha256(tag + bytes(h)).digest()[:len(h)])
+    return len(hashes) - first_block
 
 
 @dataclass
@@ -129,11 +154,13 @@ class BlendPlanner:
         if not chunks:
             log.debug("req %s: no chunks (separator %s absent, or every chunk under %d tokens)",
                       request.request_id, self.blend.separator, self.blend.min_chunk_tokens)
-        # blended KV is approximate from the first reused token on: no exact prefix pages past that block
+        # blended KV is approximate from the first reused token on: no exact prefix pages past that block,
+        # in ucm or in vLLM's prefix cache
         limit = min(x.start for x in loads) // bs if loads else None
         self._plans[request.request_id] = Plan(loads, saves, limit)
         if not loads:
             return external, None
+        keep_out_of_prefix_cache(request, limit)
         log.debug("req %s: %d chunks, %d stored in part or whole (%d tokens)", request.request_id, len(chunks),
                   len(loads), sum(x.tokens for x in loads))
         return 0, limit  # vLLM computes the prompt; the worker blends the stored chunks into it

@@ -5,8 +5,8 @@ The blend worker (blend/worker.py) sets `ACTIVE` in `start_load_kv` after writin
 `wait_for_save`. The vLLM 0.32 patches (patch_funcs/v0_32/vllm_patch.py) consult it:
 
 * layers up to `check_layer` run unchanged on every token (fresh KV overwrites the loaded KV);
-* at `check_layer`, `select()` compares each reused token's fresh key with its cached one and keeps the
-  `ratio` share that deviates most, plus every token that was not reused (missed chunks, separators,
+* at `check_layer`, `select()` compares each reused token's fresh key with its cached one and keeps, per
+  request, the `ratio` share of that request's reused tokens that deviates most, plus every token that was not reused (missed chunks, separators,
   the question, a prompt's last token);
 * in later layers the decoder layer runs on the selected tokens only, and `attend()` writes their KV
   and computes their attention over the whole context from the paged cache, where the other tokens'
@@ -39,9 +39,11 @@ def layer_index(layer_name: str) -> int:
 class BlendStep:
     check_layer: int
     ratio: float
-    span: int  # reused tokens are selected in aligned spans of this many batch positions (1: one by one)
+    span: int  # reused tokens are selected in aligned spans of this many token positions (1: one by one)
     reused_idx: torch.Tensor  # int64 [n]: batch positions of tokens whose KV was reused
     cached_k: torch.Tensor  # [n, kv_heads, head_dim]: their reused keys at the check layer
+    reused_req: torch.Tensor | None = None  # int64 [n]: the request of each (None: one request)
+    reused_pos: torch.Tensor | None = None  # int64 [n]: their positions in that request (None: batch positions)
     always: list[int] = field(default_factory=list)  # batch positions computed in every layer regardless
                                                      # (e.g. each chunk's first tokens)
     capture_idx: torch.Tensor | None = None  # batch positions whose fresh K/V are kept for saving
@@ -53,7 +55,9 @@ class BlendStep:
     _metadata: dict = field(default_factory=dict)  # attention metadata of the selection, per layer shape
 
     def select(self, fresh_keys: torch.Tensor) -> None:
-        """At the check layer: fresh_keys [batch tokens, kv_heads, head_dim], all tokens."""
+        """At the check layer: fresh_keys [batch tokens, kv_heads, head_dim], all tokens. Each request
+        keeps its own `ratio` share of its reused tokens (`reused_req`), so what a request recomputes
+        depends on that request alone, not on what else is in the batch."""
         n = self.reused_idx.numel()
         if not n:
             return  # nothing reused: every layer runs on every token
@@ -61,25 +65,34 @@ class BlendStep:
         keep[self.reused_idx] = False
         diff = fresh_keys[self.reused_idx].float() - self.cached_k.float()
         deviation = (diff * diff).sum(dim=(1, 2))
-        budget = min(n, math.ceil(self.ratio * n))
-        if budget and self.span > 1:
-            # spans of `span` consecutive batch positions, ranked by their most deviating token: the
-            # recomputed tokens then form runs that vLLM's kernel attends as blocks, not one by one
-            span_of = self.reused_idx // self.span
-            spans, inverse = torch.unique(span_of, return_inverse=True)
-            score = torch.full((spans.numel(),), -1.0).scatter_reduce(0, inverse, deviation, "amax")
-            counts = torch.bincount(inverse, minlength=spans.numel())
-            order = score.argsort(descending=True)
-            take = order[:int((counts[order].cumsum(0) < budget).sum()) + 1]
-            chosen = torch.isin(inverse, take)
-            keep[self.reused_idx[chosen]] = True
-            self.recomputed = int(chosen.sum())
-        elif budget:
-            keep[self.reused_idx[deviation.topk(budget).indices]] = True
-            self.recomputed = budget
+        reqs = self.reused_req if self.reused_req is not None else torch.zeros(n, dtype=torch.int64)
+        pos = self.reused_pos if self.reused_pos is not None else self.reused_idx
+        chosen = torch.zeros(n, dtype=torch.bool)
+        for r in reqs.unique().tolist():
+            mine = (reqs == r).nonzero().squeeze(1)
+            chosen[mine[self._choose(deviation[mine], pos[mine])]] = True
+        keep[self.reused_idx[chosen]] = True
+        self.recomputed = int(chosen.sum())
         if self.always:
             keep[torch.tensor(self.always, device=keep.device)] = True
         self.sel = keep.nonzero().squeeze(1)
+
+    def _choose(self, deviation: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Indices of one request's reused tokens to recompute: the `ratio` share that deviates most,
+        taken in aligned spans of `span` token positions when span > 1 (spans ranked by their most
+        deviating token: the recomputed tokens then form runs that the kernel attends as blocks)."""
+        n = deviation.numel()
+        budget = min(n, math.ceil(self.ratio * n))
+        if not budget:
+            return torch.empty(0, dtype=torch.int64)
+        if self.span <= 1:
+            return deviation.topk(budget).indices
+        spans, inverse = torch.unique(pos // self.span, return_inverse=True)
+        score = torch.full((spans.numel(),), -1.0).scatter_reduce(0, inverse, deviation, "amax")
+        counts = torch.bincount(inverse, minlength=spans.numel())
+        order = score.argsort(descending=True)
+        take = order[:int((counts[order].cumsum(0) < budget).sum()) + 1]
+        return torch.isin(inverse, take).nonzero().squeeze(1)
 
     def capture(self, layer: int, key: torch.Tensor, value: torch.Tensor, subset: bool) -> None:
         """Keep this layer's fresh K/V of the tokens to save (rows of the subset after the check layer;

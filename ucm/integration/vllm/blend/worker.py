@@ -95,18 +95,20 @@ class BlendWorker:
             return torch.where(slots < inverse.numel(), idx, torch.full_like(idx, -1))
 
         t0 = time.perf_counter()
-        reused, cached_k, capture, self._captures = [], [], [], []
+        reused, cached_k, owner, positions, capture, self._captures = [], [], [], [], [], []
         # a prompt's last token is never reused (see the planner), so it is always recomputed; the last
         # token of an intermediate chunked-prefill step is not needed (vLLM discards that sample)
         always: list[int] = []
-        for rm in todo:
+        for r, rm in enumerate(todo):
             for load in rm.loads:
                 got = self._load_chunk(rm, load, layers, batch_positions)
                 if got is not None:
-                    idx, keys = got
+                    idx, pos, keys = got
                     first = self.blend.chunk_start_tokens
                     always += idx[:first].tolist()
                     reused.append(idx[first:])
+                    positions.append(pos[first:])
+                    owner.append(torch.full((idx.numel() - min(first, idx.numel()),), r, dtype=torch.int64))
                     cached_k.append(keys[first:])
             for save in rm.saves:
                 a, b = save.part
@@ -125,6 +127,7 @@ class BlendWorker:
             self.blend.check_layer, self.blend.recompute_ratio, self.blend.recompute_span,
             torch.cat(reused) if reused else torch.empty(0, dtype=torch.int64),
             torch.cat(cached_k) if cached_k else torch.empty(0, a.num_kv_heads, a.head_size),
+            reused_req=torch.cat(owner) if owner else None, reused_pos=torch.cat(positions) if positions else None,
             always=always, capture_idx=torch.cat(capture) if capture else None)
         blend_step.set_active(step)
         if reused:
@@ -136,8 +139,8 @@ class BlendWorker:
 
     def _load_chunk(self, rm: BlendRequestMeta, load: ChunkLoad, layers, batch_positions):
         """Read a chunk's blocks, rotate their keys, write them into every layer's paged cache with
-        vLLM's own cache op; (batch positions, check-layer keys) of the tokens placed, or None if the
-        chunk cannot be used (it is then computed in full)."""
+        vLLM's own cache op; (batch positions, prompt positions, check-layer keys) of the tokens placed,
+        or None if the chunk cannot be used (it is then computed in full)."""
         shape = self._page_shape(layers)
         n_layers, _, bs, heads, dim = shape
         dtype = layers[0].kv_cache.dtype
@@ -158,7 +161,7 @@ class BlendWorker:
         slots, idx = slots[live], idx[live]
         for layer, attn in enumerate(layers):
             attn.impl.do_kv_cache_update(attn, k[layer][live], v[layer][live], attn.kv_cache, slots)
-        return idx, k[min(self.blend.check_layer, n_layers - 1)][live]
+        return idx, torch.arange(load.start, load.start + n)[live], k[min(self.blend.check_layer, n_layers - 1)][live]
 
     # ---- after the forward pass -------------------------------------------------------------------
     def end_step(self, meta: UCMConnectorMetadata) -> None:
