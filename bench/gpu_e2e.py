@@ -274,9 +274,16 @@ def main() -> None:
                                      log)
             shutil.rmtree(os.path.join(shm, "ttft-layers"), ignore_errors=True)
             shutil.rmtree(root2, ignore_errors=True)
+        # SSD hits in fresh processes (host tier gone, page cache dropped): every hit loaded, then the
+        # load planner's choice from the bandwidth and step time measured so far (store/rates/)
         ttft["ssd"] = run({**base, "name": "ttft ucm ssd", "prefix_caching": False, "connector": "UCMConnector",
-                           "extra": ucm(root, "ttft-fresh", gib), "phases": warm}, log)
+                           "extra": {**ucm(root, "ttft-fresh", gib), "transfer": {"load_planner": False}},
+                           "phases": warm}, log)
         shutil.rmtree(os.path.join(shm, "ttft-fresh"), ignore_errors=True)
+        ttft["ssd planned"] = run({**base, "name": "ttft ucm ssd planned", "prefix_caching": False,
+                                   "connector": "UCMConnector", "extra": ucm(root, "ttft-planned", gib),
+                                   "phases": warm}, log)
+        shutil.rmtree(os.path.join(shm, "ttft-planned"), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
     if not args.no_batch:
         root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
@@ -354,17 +361,21 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         lines += ["", "| prompt tokens | no cache ms | vLLM prefix-cache hit (floor) ms | OffloadingConnector CPU hit ms | "
                   "ucm host-tier hit ms | ucm SSD hit ms | copy limit ms | ucm host / copy limit | ucm host / Offloading | "
                   "ucm SSD / no cache | ucm cold / no cache | Offloading cold / no cache | ucm host hit, sync load "
-                  "layer by layer (`load_mode: sync`) ms |", "|---" * 13 + "|"]
+                  "layer by layer (`load_mode: sync`) ms | ucm SSD, load planner ms | planner / no cache | "
+                  "planner: tokens loaded per prompt (mean) |", "|---" * 16 + "|"]
         for k, n in enumerate(args.lengths):
             nocache, floor = med(ttft["plain"], 2 * k), med(ttft["plain"], 2 * k + 1)
             limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3)
             host, off, ssd = med(ttft["ucm"], 2 * k + 1), med(ttft["offload"], 2 * k + 1), med(ttft["ssd"], k)
             layers = med(ttft["ucm layers"], 2 * k + 1) if "ucm layers" in ttft else float("nan")
+            planned = med(ttft["ssd planned"], k) if "ssd planned" in ttft else float("nan")
+            loaded = (ttft["ssd planned"]["phases"][k].get("external", 0) / args.prompts
+                      if "phases" in ttft.get("ssd planned", {}) else float("nan"))
             limit = limit if limit == limit else n * KV_PER_TOKEN / (h2d * 1e9) * 1e3  # no floor measured
             cells = [f"{nocache:.0f}", f"{floor:.0f}", f"{off:.0f}", f"{host:.0f}", f"{ssd:.0f}", f"{limit:.0f}",
                      f"{ratio(host, limit):.2f}x", f"{ratio(host, off):.2f}", f"{ratio(ssd, nocache):.2f}",
                      f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}",
-                     f"{layers:.0f}"]
+                     f"{layers:.0f}", f"{planned:.0f}", f"{ratio(planned, nocache):.2f}", f"{loaded:.0f} of {n}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in ttft.items()}
         lines.append(f"\nExternal tokens counted by vLLM per phase: {ext}")

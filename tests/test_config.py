@@ -133,6 +133,14 @@ def test_a_file_holds_only_what_differs_from_the_default(tmp_path):
     assert cfg.host == default.host and cfg.transfer.gpu_mode == "staged" and cfg.transfer.load_mode == "async"
 
 
+def test_the_load_planner_switch(tmp_path):
+    assert load_config(EMBEDDED_CONFIG).transfer.load_planner is True
+    assert load_config(write(tmp_path, "transfer: {load_planner: false}\n")).transfer.load_planner is False
+    with pytest.raises(ConfigError) as ei:
+        load_config(write(tmp_path, "transfer: {load_planner: sometimes}\n"))
+    assert "transfer.load_planner" in str(ei.value) and "sometimes" in str(ei.value) and "ucm.yaml" in str(ei.value)
+
+
 def test_null_removes_a_key_or_a_section():
     assert merge({"a": {"b": 1, "c": 2}, "d": 3}, {"a": {"b": None}, "d": None}) == {"a": {"c": 2}}
     assert merge({"a": {"b": 1}}, {"a": 5}) == {"a": 5}, "a value replaces a section"

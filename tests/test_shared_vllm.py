@@ -46,7 +46,8 @@ def expected(prompts):
 
 def instance(root, tag: str, *, remote=None, ssd=None, host=True) -> dict:
     cfg = {"host": {"capacity": "256MiB", "path": os.path.join(root, f"host-{tag}")} if host else None,
-           "ssd": {"path": ssd, "capacity": "1GiB"} if ssd else None}  # null: the default's tier off
+           "ssd": {"path": ssd, "capacity": "1GiB"} if ssd else None,  # null: the default's tier off
+           "transfer": {"load_planner": False}}  # exact hit counts (vllm_harness.ucm_connector says why)
     if remote:
         cfg["remote"] = {"timeout_ms": 500, "reconnect_max_ms": 500, **remote}
     return {"kv_connector": "UCMConnector", "extra": cfg}

@@ -5,6 +5,7 @@ vLLM's own prefix-cache reuse at the same split (bf16), or of the no-cache basel
 """
 
 import functools
+import glob
 import os
 import shutil
 import subprocess
@@ -14,6 +15,11 @@ import pytest
 
 from storekit import flip_bits, perturb, slot_place, slots_in_put_order
 from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
+
+from ucm.integration.vllm.connector.config import connector_config
+from ucm.integration.vllm.journal import read_lookups
+from ucm.tiers.rates import Rates
+from ucm.tools.doctor import diagnose
 
 pytestmark = pytest.mark.vllm
 DISK = "vllm:prompt_tokens_cached_by_source{source=disk}"
@@ -320,3 +326,51 @@ def test_preemption_and_resumption(tmp_path):
     assert r["phase_metrics"][1].get(EXT, 0) > 0, "the second pass must hit what the first saved"
     for phase in r["phases"]:
         assert_identical(phase, base["phases"][0], tol=1e-4)
+
+
+def _storage_dir(root: str) -> str:
+    """The SSD tier's directory for SmolLM2's page size (where the journal and the rates live)."""
+    found = [os.path.dirname(d) for d in glob.glob(os.path.join(root, "ssd", "*", "journal"))]
+    assert len(found) == 1, found
+    return found[0]
+
+
+def test_the_load_planner_recomputes_hits_slower_to_load_and_says_why(tmp_path):
+    """A store whose SSD measured 1 MB/s (seeded as a previous process would have left it, with a step
+    time of 10 ms + 0.1 ms per token): loading A's 9 SSD blocks (6.6 MB) is predicted at ~6.6 s against
+    ~40 ms of recompute, so a fresh process recomputes them (exact as no cache), the journal, the log,
+    `ucm doctor` and `ucm stats` say so; with the planner off the same store loads them, and that whole
+    load measures the disk again (its running mean rises above the seeded figure)."""
+    root = str(tmp_path)
+    run_vllm([[A]], connector=ucm_connector(root, planner=True))
+    storage = _storage_dir(root)
+    seeded = Rates(storage)
+    seeded.record_load("ssd", 1 << 30, (1 << 30) / 1e6)
+    seeded.record_prefill(0.01, 1e-4)
+    seeded.write()
+    warm = run_vllm([[A]], connector=warm_connector(root, "planned", False, planner=True,
+                                                     transfer={"layerwise_load": False}))
+    assert warm["phase_metrics"][0].get(EXT, 0) == 0, "the planner must recompute the slow hits"
+    assert_identical(warm["phases"][0], reference(False)["phases"][0])
+    assert "skipped 9 of 9 hit blocks: ssd 0.001 GB/s" in warm["log"], warm["log"][-3000:]
+    plans = [x["plan"] for x in read_lookups(storage) if "plan" in x]
+    assert plans and plans[-1]["load_blocks"] == 0 and plans[-1]["hit_blocks"] == A_BLOCKS
+    cfg = connector_config(warm_connector(root, "planned", False)["extra"])
+    why = " ".join(diagnose(cfg, A).reasons)
+    assert "not worth loading: the last lookup of this prompt skipped 9 of 9 hit blocks" in why, why
+    stats = subprocess.run([sys.executable, "-m", "ucm", "--config", _yaml(tmp_path, cfg), "stats"],
+                           capture_output=True, text=True, timeout=120)
+    assert "measured for the load planner: ssd 0.001 GB/s" in stats.stdout, stats.stdout + stats.stderr
+    assert "9 ssd hit blocks" in stats.stdout, stats.stdout
+    off = run_vllm([[A]], connector=warm_connector(root, "unplanned", False, planner=False,
+                                                    transfer={"layerwise_load": False}))
+    assert off["phase_metrics"][0].get(EXT, 0) == A_BLOCKS * BLOCK
+    assert Rates(storage).bandwidth("ssd") > 1.2e6, "the whole SSD load was not measured"
+
+
+def _yaml(tmp_path, cfg) -> str:
+    """A config file naming the same tiers as `cfg`, for the CLI."""
+    path = tmp_path / "ucm.yaml"
+    path.write_text(f"host:\n  capacity: {cfg.host.capacity}B\n  path: {cfg.host.path}\n"
+                    f"ssd:\n  capacity: {cfg.ssd.capacity}B\n  path: {cfg.ssd.path}\n")
+    return str(path)

@@ -39,10 +39,13 @@ def prompt_tokens(n: int, offset: int = 0) -> list[int]:
 
 
 def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", module_path: bool = False,
-                  name: str = "UCMConnector", **extra) -> dict:
+                  name: str = "UCMConnector", planner: bool = False, **extra) -> dict:
+    """`planner`: transfer.load_planner. Off unless a test is about it: its choices follow timings of
+    this shared machine, and the other tests count exact hits."""
     cfg = {"host": {"capacity": host, "path": os.path.join(root, "host")}}
     # inline keys merge over the embedded default (docs/configuration.md): null turns its SSD tier off
     cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd} if ssd else None
+    cfg["transfer"] = {"load_planner": planner, **(extra.pop("transfer", None) or {})}
     cfg.update(extra)
     c = {"kv_connector": name, "extra": cfg}
     if module_path:

@@ -86,6 +86,7 @@ class TransferConfig:
     # that step); async: before it is scheduled (vLLM's WAITING_FOR_REMOTE_KVS); auto: async where vLLM
     # cannot recompute correctly after a sync load error (versions.load_error_recovery)
     load_mode: str = "auto"
+    load_planner: bool = True  # load only the leading hits that make the first token come sooner (planner.py)
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,8 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
     transfer = TransferConfig()
     if data.get("transfer") is not None:
         t = _mapping(data["transfer"], source, "transfer")
-        _check_keys(t, ("gpu_mode", "direct_programs", "layerwise_load", "layer_read_size", "load_mode"), source,
-                    "transfer.")
+        _check_keys(t, ("gpu_mode", "direct_programs", "layerwise_load", "layer_read_size", "load_mode",
+                        "load_planner"), source, "transfer.")
         mode = t.get("gpu_mode", "staged")
         if mode not in GPU_TRANSFER_MODES:
             raise ConfigError(source, "transfer.gpu_mode", mode, f"must be one of {', '.join(GPU_TRANSFER_MODES)}")
@@ -244,7 +245,7 @@ def from_dict(data: Mapping[str, Any], source: str = "<dict>") -> UCMConfig:
         transfer = TransferConfig(mode, _int_in(t, "direct_programs", 8, 1, 1024, source, "transfer."),
                                   _bool(t, "layerwise_load", True, source, "transfer."),
                                   parse_size(t.get("layer_read_size", "512KiB"), source, "transfer.layer_read_size"),
-                                  load_mode)
+                                  load_mode, _bool(t, "load_planner", True, source, "transfer."))
     blend = _blend(data["blend"], source) if data.get("blend") is not None else None
     return UCMConfig(host=host, ssd=ssd, write_policy=policy, io_threads=threads, transfer=transfer,
                      remote=remote, blend=blend, source=source)

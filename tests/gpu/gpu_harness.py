@@ -69,9 +69,12 @@ def run(phases, **kw) -> dict:
 
 
 def connector(root: str, *, host: str = "1GiB", ssd: str | None = "4GiB", host_dir: str = "host",
-              module_path: bool = False, **extra) -> dict:
+              module_path: bool = False, planner: bool = False, **extra) -> dict:
+    """`planner`: transfer.load_planner, off unless a test is about it (the tests count exact hits; the
+    planner would rightly skip hits from this machine's 1.1 GB/s disk)."""
     cfg = {"host": {"capacity": host, "path": os.path.join(root, host_dir)}}
     cfg["ssd"] = {"path": os.path.join(root, "ssd"), "capacity": ssd} if ssd else None  # null: no SSD tier
+    cfg["transfer"] = {"load_planner": planner, **(extra.pop("transfer", None) or {})}
     cfg.update(extra)
     c = {"kv_connector": "UCMConnector", "extra": cfg}
     if module_path:

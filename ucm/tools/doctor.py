@@ -157,6 +157,10 @@ def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> N
             r.append(f"vLLM's own prefix cache took the hit: the last lookup of this prompt found {last['vllm']} "
                      f"blocks already computed by vLLM, so ucm had nothing to load "
                      f"(vllm:prompt_tokens_by_source{{source=local_cache_hit}} counts them)")
+        plan = last.get("plan") or {}
+        if plan.get("load_blocks", 0) < plan.get("hit_blocks", 0):
+            r.append(f"not worth loading: the last lookup of this prompt {plan.get('why', '')} (the load planner "
+                     "predicted recomputing them sooner; transfer.load_planner: false loads every hit)")
     if found == len(where) and not r:
         r.append(f"all {found} full blocks are stored: the next request with this prompt loads "
                  f"{min(found * bs, len(tokens) - 1)} tokens from ucm")

@@ -1,5 +1,6 @@
 """`ucm stats`: what each tier holds (read from the index files, so a stopped store works too, and
-nothing is changed), then each vLLM process's lookups, hit rates, transfer rates and recent errors
+nothing is changed), the bandwidths and prefill rate the load planner measured, then each vLLM
+process's lookups (with the hit blocks the planner did not load), hit rates, transfer rates and recent errors
 from the connector's journal: running processes first, then stopped ones, each by pid, with its start
 and last update times. `--json` prints the same as one JSON object."""
 
@@ -13,6 +14,7 @@ from ucm.config import load_config
 from ucm.integration.vllm.journal import read_counters
 from ucm.tiers import tier_roots
 from ucm.tiers.index import SlotIndex
+from ucm.tiers.rates import Rates
 
 
 def collect(cfg) -> dict:
@@ -38,7 +40,8 @@ def collect(cfg) -> dict:
                 journals.append(d)
     procs = [rec for d in journals for rec in read_counters(d)]
     procs.sort(key=lambda rec: (not rec["alive"], int(rec.get("pid", 0)), rec["role"]))
-    return {"tiers": tiers, "processes": procs}
+    rates = {d: Rates(d).describe() for d in journals}  # what the load planner works from
+    return {"tiers": tiers, "processes": procs, "rates": rates}
 
 
 def _when(t: float | None) -> str:
@@ -95,6 +98,12 @@ def show(data: dict, as_json: bool = False, before: dict | None = None) -> None:
         print(f"{t['tier']}: {t['dir']}: {t['blocks']} blocks of {t['page_bytes']} B ({t['bytes'] / 2**20:.1f} MiB "
               f"of {t['capacity_bytes'] / 2**20:.0f} MiB), {t['unflushed']} not yet flushed, {t['being_written']} "
               "slots being written")
+    for d, r in data.get("rates", {}).items():
+        tiers = ", ".join(f"{t} {x['GBps']:.3g} GB/s ({x['samples']} loads, {x['age_s']:.0f} s ago)"
+                          for t, x in r["tiers"].items()) or "no tier yet"
+        prefill = (f"prefill {r['prefill_ms_per_1k_tokens']:.1f} ms per 1,000 tokens" if "prefill_ms_per_1k_tokens" in r
+                   else "prefill rate not measured yet")
+        print(f"measured for the load planner: {tiers}; {prefill}")
     for rec in data["processes"]:
         state = "RUNNING" if rec["alive"] else "stopped"
         head = (f"{rec['role']} pid {rec['pid']} [{state}, started {_when(rec.get('started'))}, "
@@ -104,6 +113,10 @@ def show(data: dict, as_json: bool = False, before: dict | None = None) -> None:
             rate = c["ucm_hit_blocks"] / c["blocks"] if c["blocks"] else 0.0
             print(f"{head}: {c['requests']} lookups, {c['blocks']} full blocks, ucm had {c['ucm_hit_blocks']} "
                   f"({100 * rate:.1f}%), vLLM's prefix cache had {c['vllm_hit_blocks']}, {c['loaded_tokens']} tokens loaded")
+            skipped = c.get("skipped_blocks") or {}
+            if skipped:
+                print("  not worth loading (the load planner recomputed them): "
+                      + ", ".join(f"{n} {t} hit blocks" for t, n in sorted(skipped.items())))
         if "connector" in rec:
             c, st = rec["connector"], rec["store"]
             load_gbs = c["load_bytes"] / c["load_seconds"] / 1e9 if c["load_seconds"] else 0.0

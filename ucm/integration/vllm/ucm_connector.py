@@ -64,6 +64,16 @@ def _load_mode(mode: str, vllm_config: "VllmConfig") -> tuple[bool, str]:
     return False, "vLLM recomputes correctly after a load error in the step"
 
 
+def _overlap(config, load_async: bool, layerwise: bool) -> str:
+    """How a request's loads overlap its forward pass, for the load planner (planner.OVERLAPS): the
+    worker loads layer by layer only when synchronous, on a GPU every hit, on a CPU the SSD hits."""
+    if load_async or not layerwise or not config.transfer.layerwise_load:
+        return "none"
+    from vllm.platforms import current_platform
+
+    return "ssd" if current_platform.is_cpu() else "all"
+
+
 class UCMDirectConnector(KVConnectorBase_V1):
     _with_blend = False  # BlendConnector: a blend component on each side
 
@@ -89,7 +99,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
             load_async, why = _load_mode(self.config.transfer.load_mode, vllm_config)
             self.scheduler = SchedulerSide(self.config, self.identity, self.page_size,
                                            blend.planner(lambda: self.scheduler.store) if blend else None,
-                                           load_async=load_async, loads=ktc.is_kv_consumer, saves=ktc.is_kv_producer)
+                                           load_async=load_async, loads=ktc.is_kv_consumer, saves=ktc.is_kv_producer,
+                                           overlap=_overlap(self.config, load_async, blend is None))
             log.info("scheduler connector: block %d tokens, page %d B, config %s, kv_role %s; loads %s (%s)",
                      self.block_size, self.page_size, self.config.source, ktc.kv_role,
                      "asynchronous" if load_async else "synchronous", why)

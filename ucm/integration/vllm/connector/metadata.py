@@ -40,6 +40,7 @@ class Lookup:
     vllm_hits: int = 0  # blocks vLLM's own prefix cache had
     load_range: tuple[int, int] | None = None  # blocks [a, b) to load
     whole_blocks: int = 0  # of those, leading blocks holding only cached tokens
+    plan: Any = None  # planner.LoadDecision: how many of the hits to load, and why
 
 
 @dataclass

@@ -14,6 +14,9 @@
   the request in WAITING_FOR_REMOTE_KVS until the worker reports the load done; the next step's metadata
   carries it, and a failed block is recomputed before the request runs). A blended request loads no
   prefix: its chunks are blended in the steps that compute it.
+* The load planner (planner.py, `transfer.load_planner`) loads only the leading hits that make the first
+  token come sooner than recomputing them, from the measured tier bandwidths and the step time that
+  `build_connector_meta` measures; what it skipped is journaled and counted per tier.
 * A blend planner (BlendConnector) may replace a prefix load by a blend and limits the exact-prefix saves.
 """
 
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.metadata import Lookup, RequestMeta, RequestState, UCMConnectorMetadata
+from ucm.integration.vllm.connector.planner import LoadPlanner, StepTimer
 from ucm.integration.vllm.identity import BlockIdentity, request_salt
 from ucm.integration.vllm.connector.store_access import StoreAccess
 from ucm.logger import get_logger
@@ -39,9 +43,10 @@ log = get_logger("Connector")
 
 class SchedulerSide:
     def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, blend=None,
-                 load_async: bool = False, loads: bool = True, saves: bool = True):
+                 load_async: bool = False, loads: bool = True, saves: bool = True, overlap: str = "none"):
         """`blend`: a blend.plan.BlendPlanner (BlendConnector), or None; `load_async`: see the module;
-        `loads`/`saves`: vLLM's kv_role (kv_consumer: loads only, kv_producer: saves only, kv_both)."""
+        `loads`/`saves`: vLLM's kv_role (kv_consumer: loads only, kv_producer: saves only, kv_both);
+        `overlap`: how loads overlap the forward pass (planner.OVERLAPS)."""
         self.config, self.identity, self.page_size = config, identity, page_size
         self.load_async, self.loads, self.saves = load_async, loads, saves
         self._async_loads: list[str] = []  # requests allocated for an async load, not sent to the worker yet
@@ -49,7 +54,20 @@ class SchedulerSide:
         self.blend = blend
         self._access = StoreAccess(config, page_size, identity.seed, "scheduler")
         self.reqs: dict[str, RequestState] = {}
-        self.lookups = {"requests": 0, "blocks": 0, "ucm_hit_blocks": 0, "vllm_hit_blocks": 0, "loaded_tokens": 0}
+        self.lookups = {"requests": 0, "blocks": 0, "ucm_hit_blocks": 0, "vllm_hit_blocks": 0, "loaded_tokens": 0,
+                        "skipped_blocks": {}}  # tier -> hit blocks the planner did not load
+        self.overlap = overlap
+        self._planner: LoadPlanner | None = None
+        self._timer: StepTimer | None = None
+
+    def _planning(self) -> tuple[LoadPlanner, StepTimer]:
+        """The load planner and the step timer that feeds it (created with the store)."""
+        if self._planner is None:
+            rates = self._access.rates
+            self._planner = LoadPlanner(rates, self.page_size, self.block_size, self.overlap,
+                                        self.config.transfer.load_planner)
+            self._timer = StepTimer(rates)
+        return self._planner, self._timer
 
     @property
     def store(self) -> TieredStore:
@@ -81,10 +99,15 @@ class SchedulerSide:
         ids = self._ids(st, n_tokens // bs)
         hits = self.hit_blocks(ids) if self.loads else 0
         hit_tokens = min(hits * bs, n_tokens - 1)  # vLLM must compute the last token itself
-        external = max(0, hit_tokens - num_computed_tokens)
         first = num_computed_tokens // bs
+        plan = None
+        if hit_tokens > num_computed_tokens:
+            hit_ids = self.identity.for_rank(ids[first:-(-hit_tokens // bs)], 0)
+            plan = self._planning()[0].decide(self.store.where(hit_ids), n_tokens - num_computed_tokens)
+            hit_tokens = min(hit_tokens, (first + plan.load_blocks) * bs)
+        external = max(0, hit_tokens - num_computed_tokens)
         st.lookup = Lookup(len(ids), hits, num_computed_tokens // bs,
-                           (first, -(-hit_tokens // bs)) if external else None, hit_tokens // bs - first)
+                           (first, -(-hit_tokens // bs)) if external else None, hit_tokens // bs - first, plan)
         st.save_limit = None
         if self.blend is not None:
             external, st.save_limit = self.blend.plan(request, num_computed_tokens, external)
@@ -129,11 +152,22 @@ class SchedulerSide:
         c["ucm_hit_blocks"] += lk.ucm_hits
         c["vllm_hit_blocks"] += lk.vllm_hits
         c["loaded_tokens"] += loaded
+        extra = {}
+        if lk.plan is not None and lk.plan.skipped_blocks:
+            k = lk.plan.load_blocks
+            for tier, n, _ in lk.plan.tiers:  # the loaded blocks lead the hit order, the skipped ones follow
+                taken = min(n, k)
+                k -= taken
+                if n > taken:
+                    c["skipped_blocks"][tier] = c["skipped_blocks"].get(tier, 0) + n - taken
+            extra["plan"] = {"load_blocks": lk.plan.load_blocks, "hit_blocks": lk.plan.hit_blocks,
+                             "reason": lk.plan.reason, "why": lk.plan.sentence()}
+            log.info("req %s: %s", request.request_id, lk.plan.sentence())
         self.journal.lookup({"t": round(time.time(), 3), "req": request.request_id, "tokens": request.num_tokens,
                              "blocks": lk.blocks, "first": st.ids[0].hex() if st.ids else "",
                              "seed": self.identity.hasher.root().hex()[:16],
                              "salted": request_salt(request) is not None, "ucm": lk.ucm_hits, "vllm": lk.vllm_hits,
-                             "load_tokens": loaded})
+                             "load_tokens": loaded, **extra})
         self.journal.counters({"lookups": c})
 
     def load_sources(self, request_id: str) -> dict[str, int]:
@@ -144,6 +178,8 @@ class SchedulerSide:
     # ---- steps ------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> UCMConnectorMetadata:
         meta = UCMConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
+        if self.loads:
+            self._planning()[1].step(scheduler_output.num_scheduled_tokens)
         for req_id in self._async_loads:
             st = self.reqs.get(req_id)
             if st is not None and st.load is not None:
@@ -209,6 +245,8 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> bool:
         """True if the request's blocks must wait for saves in flight (the worker reports them done)."""
         st = self.reqs.pop(request.request_id, None)
+        if self._timer is not None:
+            self._timer.finished(request.request_id)
         if self.blend is not None:
             self.blend.finished(request.request_id)
         return st is not None and st.dumps_scheduled
@@ -216,5 +254,6 @@ class SchedulerSide:
     def shutdown(self) -> None:
         if self._access.opened:
             self.journal.counters({"lookups": self.lookups}, force=True)
+            self._access.rates.write()
             self._access.close_journal()
             self.store.flush(timeout=60)

@@ -6,6 +6,7 @@ from ucm.config import UCMConfig
 from ucm.hashing import HashSeed
 from ucm.integration.vllm.journal import Journal
 from ucm.tiers import TieredStore
+from ucm.tiers.rates import Rates, shared_rates
 from ucm.tiers.store import shared_store
 
 
@@ -35,6 +36,11 @@ class StoreAccess:
             self._journal = Journal(self.store.storage_path, self.role)
             self._journal.seed(self.seed)
         return self._journal
+
+    @property
+    def rates(self) -> Rates:
+        """The measured tier bandwidths and prefill rate, shared through the store's directory."""
+        return shared_rates(self.store.storage_path)
 
     def close_journal(self) -> None:
         if self._journal is not None:

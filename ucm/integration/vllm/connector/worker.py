@@ -272,10 +272,14 @@ class WorkerSide:
                            ok * self.page_size >> 20, 1e3 * r.seconds)
         return done
 
-    def _count_load(self, r: LoadResult, in_step: bool = True) -> None:
+    def _count_load(self, r: LoadResult, in_step: bool = True, whole: bool = True) -> None:
         """Stats and load errors of a load. `in_step`: its blocks were used by this step's forward pass
-        (their requests' saves of the step are dropped)."""
+        (their requests' saves of the step are dropped). `whole`: it loaded before (not during) the
+        forward pass, so its time measures the bandwidth of the tier that served it, for the planner."""
         n, errors = r.blocks, r.errors
+        tiers = [t for t, k in (("host", r.host), ("ssd", r.ssd), ("remote", r.remote)) if k]
+        if whole and not errors and len(tiers) == 1:
+            self._access.rates.record_load(tiers[0], n * self.page_size, r.seconds)
         self.stats.add(host_hit_blocks=r.host, ssd_hit_blocks=r.ssd, remote_hit_blocks=r.remote)
         if errors:
             self._load_errors |= set(errors)
@@ -314,7 +318,7 @@ class WorkerSide:
             self._layer_plan = None
         failed = {lvids[i]: why for i, why in errors.items()}
         host, ssd, remote = hits if hits is not None else (0, len(lvids) - len(errors), 0)
-        self._count_load(LoadResult(len(lvids), failed, host, ssd, remote, time.perf_counter() - t0))
+        self._count_load(LoadResult(len(lvids), failed, host, ssd, remote, time.perf_counter() - t0), whole=False)
         log_load.debug("loaded %d blocks (%d MiB) layer by layer, finished %.1f ms after the step began",
                        len(lvids) - len(errors), (len(lvids) - len(errors)) * self.page_size >> 20,
                        1e3 * (time.perf_counter() - t0))
@@ -422,4 +426,5 @@ class WorkerSide:
             self._add_to_totals(self.stats)
             self.stats.reset()
             self._write_counters(force=True)
+            self._access.rates.write()
             self._access.close_journal()

@@ -1,0 +1,188 @@
+"""The load planner: how many of a request's leading hit blocks to load, so that its first token comes
+soonest; the rest is recomputed. It never picks a plan predicted slower than recomputing everything.
+
+For a request whose hits are blocks b_0..b_{h-1} (each in a tier: host, ssd, remote) after the tokens
+vLLM already has, loading the first k blocks costs
+
+    L(k) = sum over i < k of page_bytes / bandwidth(tier of b_i)          (measured, ucm/tiers/rates.py)
+    C(k) = fixed + per_token * (tokens to compute - k * block_size)        (the engine's step time, fitted)
+
+and the predicted time to the first token is L + C where the load comes before the forward pass, and
+max(L, C) where it overlaps it layer by layer (`overlap`: "none"; "ssd": SSD hits layer by layer, host
+hits before, as on vLLM's CPU build; "all": every hit layer by layer, as a GPU's synchronous loads).
+The planner takes the k with the lowest prediction, and loads nothing unless that saves at least
+MARGIN of the recompute time (figures drift; a tie is not worth a load). While a figure it needs is
+unknown (nothing measured yet, or too old) it loads every hit, which measures it.
+
+`StepTimer` fits the step time from the scheduler's own steps: from `build_connector_meta` of a step
+to the next step's (a busy engine) or to `request_finished` of a request that step completed, against
+the tokens that step scheduled.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ucm.tiers.rates import Rates
+
+MARGIN = 0.1  # a load must be predicted to save this share of the recompute time
+OVERLAPS = ("none", "ssd", "all")
+
+
+@dataclass(frozen=True)
+class LoadDecision:
+    """What to load of a request's hits, and why (times in seconds; None where unknown)."""
+
+    load_blocks: int  # leading hit blocks to load (the rest of the hits is recomputed)
+    hit_blocks: int
+    load_s: float | None  # predicted load time of the chosen blocks
+    ttft_s: float | None  # predicted time to the first token with this plan
+    recompute_s: float | None  # predicted time with nothing loaded
+    load_all_s: float | None  # predicted time loading every hit
+    reason: str  # "load all", "partial", "not worth loading", "not measured: ..."
+    tiers: tuple[tuple[str, int, float | None], ...] = ()  # (tier, hit blocks, GB/s) in hit order
+
+    @property
+    def skipped_blocks(self) -> int:
+        return self.hit_blocks - self.load_blocks
+
+    def sentence(self) -> str:
+        """For logs and `ucm doctor`: e.g. 'skipped 500 of 500 hit blocks: ssd 1.1 GB/s, loading
+        would take 760 ms, recompute 206 ms'."""
+        rates = ", ".join(f"{t} {'?' if g is None else f'{g:.3g}'} GB/s" for t, _, g in self.tiers)
+        if self.reason.startswith("not measured"):
+            return f"loaded all {self.hit_blocks} hit blocks ({self.reason})"
+        ms = lambda s: f"{1e3 * s:.0f} ms"  # noqa: E731
+        if self.load_blocks == self.hit_blocks:
+            return f"loaded all {self.hit_blocks} hit blocks: {rates}, predicted {ms(self.ttft_s)} against " \
+                   f"recompute {ms(self.recompute_s)}"
+        return (f"skipped {self.skipped_blocks} of {self.hit_blocks} hit blocks: {rates}, loading all would "
+                f"take {ms(self.load_all_s)}, recompute {ms(self.recompute_s)}, chosen {ms(self.ttft_s)}")
+
+
+class LoadPlanner:
+    def __init__(self, rates: Rates, page_bytes: int, block_size: int, overlap: str = "none",
+                 enabled: bool = True):
+        if overlap not in OVERLAPS:
+            raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
+        self.rates, self.page_bytes, self.block_size = rates, page_bytes, block_size
+        self.overlap, self.enabled = overlap, enabled
+
+    def _ttft(self, host_s: float, other_s: float, compute_s: float) -> float:
+        """Predicted time to the first token: host loads `host_s`, SSD and remote loads `other_s`."""
+        if self.overlap == "all":
+            return max(host_s + other_s, compute_s)
+        if self.overlap == "ssd":
+            return host_s + max(other_s, compute_s)
+        return host_s + other_s + compute_s
+
+    def decide(self, tiers: list[str], compute_tokens: int) -> LoadDecision:
+        """`tiers`: the tier of each leading hit block, in order; `compute_tokens`: the tokens vLLM
+        computes when nothing is loaded (the prompt less what vLLM's own prefix cache has)."""
+        h = len(tiers)
+        runs: list[tuple[str, int]] = []
+        for t in tiers:
+            if runs and runs[-1][0] == t:
+                runs[-1] = (t, runs[-1][1] + 1)
+            else:
+                runs.append((t, 1))
+        bw = {t: self.rates.bandwidth(t) for t in {t for t, _ in runs}}
+        shown = tuple((t, n, None if bw[t] is None else bw[t] / 1e9) for t, n in runs)
+        if not self.enabled or not h:
+            return LoadDecision(h, h, None, None, None, None, "load all", shown)
+        self.rates.refresh()
+        unknown = [f"{t} bandwidth" for t, b in bw.items() if b is None]
+        if self.rates.prefill_seconds(1) is None:
+            unknown.append("prefill rate")
+        if unknown:
+            return LoadDecision(h, h, None, None, None, None, "not measured: " + ", ".join(sorted(unknown)), shown)
+        bs, page = self.block_size, self.page_bytes
+        compute = lambda k: self.rates.prefill_seconds(max(1, compute_tokens - k * bs))  # noqa: E731
+        recompute = compute(0)
+        best = (recompute, 0, 0.0)
+        host_s = other_s = 0.0
+        for k, t in enumerate(tiers, start=1):
+            cost = page / bw[t]
+            if t == "host":
+                host_s += cost
+            else:
+                other_s += cost
+            ttft = self._ttft(host_s, other_s, compute(k))
+            if ttft <= best[0]:
+                best = (ttft, k, host_s + other_s)
+        load_all = self._ttft(host_s, other_s, compute(h))
+        ttft, k, load_s = best
+        if k and ttft > (1 - MARGIN) * recompute:
+            ttft, k, load_s = recompute, 0, 0.0
+        reason = "load all" if k == h else "partial" if k else "not worth loading"
+        return LoadDecision(k, h, load_s, ttft, recompute, load_all, reason, shown)
+
+
+class StepTimer:
+    """Fits step seconds = fixed + per_token * scheduled tokens over recent steps and hands each new fit
+    to `rates`. A step's time is known when the engine builds the next step while a request of it goes
+    on (the time before an idle engine's next step is waiting, not computing), or when a request of it
+    finishes (vLLM frees it right after that step's output). `clock`: injectable (seconds)."""
+
+    DECAY = 0.95  # weight of the older steps per new step
+    MIN_PREFILL_TOKENS = 128  # steps with fewer tokens tell little about prefill
+    MIN_SAMPLES = 3  # prefill steps before the first fit
+
+    @dataclass
+    class _Step:
+        time: float
+        tokens: int
+        reqs: frozenset
+        timed: bool = False
+
+    def __init__(self, rates: Rates, clock=time.perf_counter):
+        self.rates, self.clock = rates, clock
+        self._recent: list[StepTimer._Step] = []  # the last two steps built (async scheduling builds ahead)
+        self._sums = [0.0] * 5  # decayed sums of w, x, y, xx, xy
+        self._prefill_steps = 0
+
+    def step(self, tokens: dict[str, int]) -> None:
+        """A step is being built with `tokens` scheduled per request."""
+        now = self.clock()
+        reqs = frozenset(r for r, n in tokens.items() if n)
+        last = self._recent[-1] if self._recent else None
+        if last is not None and last.reqs & reqs:
+            self._sample(last, now)
+        self._recent = (self._recent + [self._Step(now, sum(tokens.values()), reqs)])[-2:]
+
+    def finished(self, req_id: str) -> None:
+        """`req_id` finished: the step that computed its last token is done now."""
+        for st in reversed(self._recent):
+            if req_id in st.reqs:
+                self._sample(st, self.clock())
+                return
+
+    def _sample(self, st: "StepTimer._Step", now: float) -> None:
+        if st.timed or not st.tokens:
+            return
+        st.timed = True
+        x, y = float(st.tokens), now - st.time
+        s = self._sums = [v * self.DECAY for v in self._sums]
+        for i, v in enumerate((1.0, x, y, x * x, x * y)):
+            s[i] += v
+        if x >= self.MIN_PREFILL_TOKENS:
+            self._prefill_steps += 1
+        if self._prefill_steps >= self.MIN_SAMPLES:
+            fit = self.fit()
+            if fit is not None:
+                self.rates.record_prefill(*fit)
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds per step, seconds per token), or None."""
+        w, sx, sy, sxx, sxy = self._sums
+        if w <= 0 or sx <= 0:
+            return None
+        mx, my = sx / w, sy / w
+        var = sxx / w - mx * mx
+        if var > 1e-9 * mx * mx:
+            per_token = (sxy / w - mx * my) / var
+            fixed = my - per_token * mx
+            if per_token > 0 and fixed >= 0:
+                return fixed, per_token
+        return 0.0, sxy / sxx  # through the origin: all steps of one size, or a negative intercept
