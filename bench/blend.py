@@ -49,7 +49,13 @@ NAMES = ["Amber", "Birch", "Cobalt", "Delta", "Ember", "Falcon", "Garnet", "Harb
          "Willow", "Xenon", "Yarrow", "Zephyr"]
 
 
-def build(n_prompts: int, n_ttft: int, doc_context: str = "alone", seed: int = 0):
+HELD_OUT = {"seed": 1, "text_shift": 2000}  # other codes, document draws and text than the tuning set
+
+
+def build(n_prompts: int, n_ttft: int, doc_context: str = "alone", seed: int = 0, text_shift: int = 0):
+    """(documents to cache, prompts). The defaults (ratio, check layer, span) were tuned on seed 0 with
+    no text shift; `HELD_OUT` draws prompts from text 2,000 tokens further on, with other codes and
+    other document choices, for figures the tuning did not see."""
     tok = tokenizer()
     from vllm_harness import real_text
 
@@ -61,9 +67,10 @@ def build(n_prompts: int, n_ttft: int, doc_context: str = "alone", seed: int = 0
     pool = []
     for k in range(10):
         n = rng.randint(256, 512)
-        start = 1500 + k * 4000
+        start = 1500 + text_shift + k * 4000
         pool.append(corpus[start:start + n])
-    long_pool = [corpus[2500 + k * 4000:2500 + k * 4000 + 512] for k in range(8)]
+    at = 2500 + text_shift
+    long_pool = [corpus[at + k * 4000:at + k * 4000 + 512] for k in range(8)]
     docs, prompts = [], []
 
     def rag(doc_list, name):
@@ -211,9 +218,12 @@ def render(args, configs, prompts, results) -> list[str]:
         f"{args.chunk_start_tokens}, documents cached behind: {args.doc_context}. "
         f"`.venv/bin/python bench/blend.py --prompts {args.prompts} --ttft-prompts {args.ttft_prompts} --ratios "
         f"{args.ratios} --span {args.span} --chunk-start-tokens {args.chunk_start_tokens} --check-layer "
-        f"{args.check_layer} --doc-context {args.doc_context}{' --reuse-only' if args.reuse_only else ''} "
+        f"{args.check_layer} --doc-context {args.doc_context}{' --reuse-only' if args.reuse_only else ''}"
+        f"{' --held-out' if getattr(args, 'held_out', False) else ''} "
         f"--max-num-batched-tokens {args.max_num_batched_tokens} --out {args.out}`. "
-        f"{len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
+        + ("Held-out prompts: other text, codes and document choices than the set the defaults were tuned on "
+           "(`HELD_OUT` in bench/blend.py). " if getattr(args, "held_out", False) else "Tuning set. ")
+        + f"{len(quality)} RAG prompts of four real-text documents (256-512 tokens each, "
         f"{n_tok:.0f} prompt tokens on average) with an access code planted in one document; every document was "
         "cached first, in a request of its own. TTFT: median over "
         f"{args.ttft_prompts} prompts of four 512-token documents (~2,150 tokens), one request at a time in a warm "
@@ -250,6 +260,7 @@ def main() -> None:
                                                      "with the same prompts (written if absent)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=4096,
                     help="vLLM's prefill step size; below the prompt length, prompts are prefilled in several steps")
+    ap.add_argument("--held-out", action="store_true", help="the prompts the defaults were not tuned on (HELD_OUT)")
     ap.add_argument("--out", default="blend.md", help="results file in bench/results/")
     ap.add_argument("--dump", default="", help="JSON file: write the arguments and every configuration's outputs")
     ap.add_argument("--from-dump", default="", help="JSON file from --dump: write the table again, run nothing")
@@ -261,7 +272,8 @@ def main() -> None:
     else:
         args.date = str(datetime.date.today())
         results = None
-    docs, prompts = build(args.prompts, args.ttft_prompts, args.doc_context)
+    docs, prompts = build(args.prompts, args.ttft_prompts, args.doc_context,
+                          **(HELD_OUT if getattr(args, "held_out", False) else {}))
     configs = configurations(args)
     if results is None:
         results = run_all(args, configs, docs, prompts)

@@ -129,6 +129,24 @@ def test_a_request_blends_the_same_alone_and_in_a_batch(tmp_path):
     assert_identical([ref[1][0]], ref[0], tol=1e-4)
 
 
+def chunk_sources(log: str) -> list[tuple[int, int]]:
+    """(chunks reused from pages computed alone, from pages computed in context) per blended step."""
+    return [(int(a), int(b)) for a, b in re.findall(r"chunk pages computed alone (\d+), in context (\d+)", log)]
+
+
+def test_pages_computed_alone_win_over_pages_computed_in_context_whatever_came_first(tmp_path):
+    """A document first computed behind a preamble is stored as computed in context and reused so; sent
+    alone afterwards it is stored again as computed alone (before, the first stored won: the alone
+    pages were never written), and later prompts reuse those."""
+    doc = DOCS[0]
+    probe = PRE_B + [SEP] + doc + [SEP] + QUESTION
+    again = [PRE_B[0] + 1] + probe[1:]  # no prefix hit on the first probe's pages
+    r = run_vllm([[PRE_A + [SEP] + doc + [SEP]], [probe], [doc + [SEP]], [again]],
+                 connector=blend(str(tmp_path)), max_tokens=4)
+    assert chunk_sources(r["log"]) == [(0, 1), (1, 0)], r["log"][-3000:]
+    assert reused_tokens(r["log"]) == [len(doc) // BLOCK * BLOCK] * 2
+
+
 def test_chunk_boundaries_from_kv_transfer_params(tmp_path):
     docs = [{"tokens": d, "chunks": [[0, len(d)]]} for d in DOCS[:2]]
     prompt = PRE_A + DOCS[1] + DOCS[0] + QUESTION

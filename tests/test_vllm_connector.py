@@ -145,10 +145,13 @@ def _damaged_copy(root, work):
 def ref_split4():
     """vLLM's prefix cache reusing exactly A's first 4 blocks, computed (like the stored ones) by a
     300-token prefill: on the CPU backend a block's bytes depend on the length of the prefill that
-    computed it, so the reference must reuse blocks computed the same way."""
+    computed it, so the reference must reuse blocks computed the same way. Phase 2 is A again: all 9
+    blocks reused, 0-3 from the 300-token prefill and 4-8 from phase 1's, as in a store healed after a
+    failed block 4."""
     x = A[:4 * BLOCK] + prompt_tokens(len(A) - 4 * BLOCK, 2000)
-    r = run_vllm([[x], [A]], prefix_caching=True)
-    assert r["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == 4 * BLOCK
+    r = run_vllm([[x], [A], [A]], prefix_caching=True)
+    hits = [m["vllm:prompt_tokens_by_source{source=local_cache_hit}"] for m in r["phase_metrics"][1:]]
+    assert hits == [4 * BLOCK, A_BLOCKS * BLOCK], hits
     return r
 
 
@@ -225,7 +228,8 @@ def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split
     assert_identical(r["phases"][0], ref_split4["phases"][1])
     third = run_vllm([[A]], connector=warm_connector(work, "third", False))
     assert third["phase_metrics"][0].get(EXT) == A_BLOCKS * BLOCK, "the recomputed blocks must be stored again"
-    assert_identical(third["phases"][0], ref["phases"][1])
+    # blocks 0-3 from the first 300-token prefill, 4-8 from the recompute after 4 reused blocks
+    assert_identical(third["phases"][0], ref_split4["phases"][2])
 
 
 BAD_CONFIG = """

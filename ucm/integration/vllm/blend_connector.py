@@ -7,8 +7,9 @@ cached on its own is found anywhere in a later prompt.
 Saving: every chunk a request computes rather than reuses is stored (its full blocks not stored yet, in
 the blend page format below) once the chunk is computed, from the K/V captured during that forward
 pass, with keys rotated back so the chunk's first token sits at position 0. A document is cached the
-first time any prompt contains it, or by sending it alone; concurrent first saves of one block: the
-first publish wins.
+first time any prompt contains it, or by sending it alone; pages computed alone (the chunk started its
+prompt) and in a prompt's context have ids of their own, and lookups prefer the alone ones (plan.py);
+concurrent first saves of one block: the first publish wins.
 
 Blending, for a request whose chunks are (partly) stored: vLLM is told of no external tokens and
 computes the prompt; before each prefill step's forward pass the worker reads the stored blocks that
@@ -27,7 +28,7 @@ around the forward pass.
 
 Blend page of a chunk block: [layers, 2 (K, V), block_size, kv_heads, head_dim] in the cache dtype,
 keys at canonical positions (the chunk's first token at position 0). Same bytes per page as
-UCMConnector's pages; the ids differ (the seed's `extra` gains "|blend").
+UCMConnector's pages; the ids differ (the seed's `extra` gains "|blend", or "|blend-in-context").
 """
 
 from __future__ import annotations

@@ -27,7 +27,9 @@ class BlendComponent:
 
     def __init__(self, config: UCMConfig, identity: BlockIdentity, vllm_config: "VllmConfig", scheduler: bool):
         self.blend = config.blend or BlendConfig()
-        self.chunk_identity = identity.with_extra("blend")  # chunk pages: ids from the root seed, own space
+        # chunk pages: ids from the root seed, in spaces of their own (computed alone / in a prompt's context)
+        self.chunk_identity = identity.with_extra("blend")
+        self.context_identity = identity.with_extra("blend-in-context")
         self.rope: RopeSpec | None = None
         self.why_not = ""
         try:
@@ -55,7 +57,7 @@ class BlendComponent:
                  b.min_chunk_tokens)
 
     def planner(self, store: Callable[[], "TieredStore"]) -> BlendPlanner:
-        return BlendPlanner(self.blend, self.chunk_identity, store, self.why_not)
+        return BlendPlanner(self.blend, self.chunk_identity, self.context_identity, store, self.why_not)
 
     def worker(self, worker: "WorkerSide") -> BlendWorker:
         return BlendWorker(self.blend, self.rope, worker, self.why_not)

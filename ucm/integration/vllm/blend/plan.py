@@ -6,6 +6,13 @@ ask repeatedly, and asks again when it resumes a preempted request) returns the 
 each prefill step arms the loads and saves that fall in the tokens it computes, so a resumed request
 (computing its tokens again, in new blocks) is blended exactly as it was the first time.
 
+A chunk's pages live in one of two id spaces: computed alone (the chunk started its prompt, so nothing
+preceded it: its KV is the document's own) or in context (it followed other tokens, whose attention
+shaped its KV). A lookup prefers the pages computed alone, and takes those computed in context where
+they reach further; a chunk is saved in the space its computation belongs to, so a document cached
+behind a preamble and then alone is stored both ways and the alone pages win from then on, whatever
+came first.
+
 Blended KV is approximate from the block of the first reused token on, and must never be served as an
 exact prefix: ucm saves no prefix pages past that block (the save limit), and `keep_out_of_prefix_cache`
 gives those blocks vLLM block hashes no other request computes, so vLLM's own prefix cache (on by
@@ -58,6 +65,7 @@ class ChunkLoad:
     start: int  # the first token placed, as a position in this prompt
     tokens: int  # tokens placed from `start` on
     origin: int  # the chunk's first token in this prompt: stored keys (chunk start at 0) rotate by this
+    alone: bool = True  # the pages were computed with nothing before the chunk (else: in a prompt's context)
 
     def within(self, a: int, b: int, block_size: int) -> "ChunkLoad | None":
         """The part of this load that one prefill step computes (positions [a, b)), or None."""
@@ -66,7 +74,7 @@ class ChunkLoad:
             return None
         first = (self.start - self.origin) // block_size  # the chunk block that ids[0] is
         b0, b1 = (lo - self.origin) // block_size - first, -(-(hi - self.origin) // block_size) - first
-        return ChunkLoad(self.ids[b0:b1], lo, hi - lo, self.origin)
+        return ChunkLoad(self.ids[b0:b1], lo, hi - lo, self.origin, self.alone)
 
 
 @dataclass
@@ -99,10 +107,12 @@ class Plan:
 
 
 class BlendPlanner:
-    def __init__(self, blend: BlendConfig, chunk_identity: BlockIdentity, store: Callable[[], "TieredStore"],
-                 why_not: str):
-        """`store`: the scheduler side's store (opened lazily); `why_not`: set when blending cannot run."""
-        self.blend, self.chunk_identity, self._store, self.why_not = blend, chunk_identity, store, why_not
+    def __init__(self, blend: BlendConfig, chunk_identity: BlockIdentity, context_identity: BlockIdentity,
+                 store: Callable[[], "TieredStore"], why_not: str):
+        """`chunk_identity`/`context_identity`: the id spaces of chunk pages computed alone / in context;
+        `store`: the scheduler side's store (opened lazily); `why_not`: set when blending cannot run."""
+        self.blend, self._store, self.why_not = blend, store, why_not
+        self.chunk_identity, self.context_identity = chunk_identity, context_identity
         self.block_size = chunk_identity.seed.block_size
         self._plans: dict[str, Plan] = {}
 
@@ -133,14 +143,21 @@ class BlendPlanner:
         bs, salt, store = self.block_size, request_salt(request), self._store()
         found, loads = [], []
         for c in chunks:
-            ids = self.chunk_identity.chain(tokens[c.start:c.end], salt)
-            if not ids:
+            alone = self.chunk_identity.chain(tokens[c.start:c.end], salt)
+            if not alone:
                 continue
-            stored = store.lookup_prefix(ids)
-            found.append((c, ids, stored))
+            # a chunk that starts its prompt is computed alone here: only pages computed alone may stand in
+            in_context = self.context_identity.chain(tokens[c.start:c.end], salt) if c.start else None
+            n_alone = store.lookup_prefix(alone)
+            n_context = store.lookup_prefix(in_context) if in_context else 0
+            ids, stored = (alone, n_alone) if n_alone >= n_context else (in_context, n_context)
+            # saved in the space this prompt computes the chunk in; a chunk that continues pages of the
+            # other space is not saved (its first blocks, reused here, would be missing from that chain)
+            mine = in_context or alone
+            found.append((c, mine, stored if ids is mine or not stored else len(mine)))
             reuse = min(stored * bs, len(tokens) - 1 - c.start)  # the last prompt token is always computed
             if reuse > 0 and c.start >= num_computed_tokens:
-                loads.append(ChunkLoad(ids[:-(-reuse // bs)], c.start, reuse, c.start))
+                loads.append(ChunkLoad(ids[:-(-reuse // bs)], c.start, reuse, c.start, ids is alone))
         if loads and num_computed_tokens + external >= max(x.start + x.tokens for x in loads):
             log.debug("req %s: the prefix hit (%d tokens) covers every stored chunk: not blended",
                       request.request_id, num_computed_tokens + external)

@@ -133,9 +133,12 @@ class BlendWorker:
         if reused:
             n = step.reused_idx.numel()
             self.worker.stats.add(blend_reused_tokens=n)
+            alone = sum(x.alone for rm in todo for x in rm.loads)
             log.info("blend: %d tokens of %d requests reused at new positions (loaded and rotated in %.1f ms); "
-                     "recomputing %.0f%% of them from layer %d", n, sum(1 for rm in todo if rm.loads),
-                     1e3 * (time.perf_counter() - t0), 100 * self.blend.recompute_ratio, self.blend.check_layer + 1)
+                     "recomputing %.0f%% of them from layer %d; chunk pages computed alone %d, in context %d", n,
+                     sum(1 for rm in todo if rm.loads), 1e3 * (time.perf_counter() - t0),
+                     100 * self.blend.recompute_ratio, self.blend.check_layer + 1, alone,
+                     sum(len(rm.loads) for rm in todo) - alone)
 
     def _load_chunk(self, rm: BlendRequestMeta, load: ChunkLoad, layers, batch_positions):
         """Read a chunk's blocks, rotate their keys, write them into every layer's paged cache with

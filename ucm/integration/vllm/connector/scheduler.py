@@ -245,8 +245,8 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> bool:
         """True if the request's blocks must wait for saves in flight (the worker reports them done)."""
         st = self.reqs.pop(request.request_id, None)
-        if self._timer is not None:
-            self._timer.finished(request.request_id)
+        if self._timer is not None and "ABORTED" not in str(getattr(request, "status", "")):
+            self._timer.finished(request.request_id)  # an abort ends no step
         if self.blend is not None:
             self.blend.finished(request.request_id)
         return st is not None and st.dumps_scheduled
