@@ -2,7 +2,9 @@
 
 <storage>/journal/lookups.jsonl  one line per scheduler lookup: the prompt's first block id, full
                                  blocks, blocks ucm had, blocks vLLM's own prefix cache had, tokens
-                                 loaded, whether a cache_salt was used (never the salt itself)
+                                 loaded, whether a cache_salt was used (never the salt itself), and
+                                 where the load planner skipped hits, its `plan` (blocks loaded of
+                                 the hits, predicted ms, the sentence ucm doctor shows)
 <storage>/journal/<role>-<pid>.json  cumulative counters and recent errors of one process, rewritten
                                  at most once a second and at shutdown (the newest 8 stopped
                                  processes are kept)

@@ -160,8 +160,10 @@ class SchedulerSide:
                 k -= taken
                 if n > taken:
                     c["skipped_blocks"][tier] = c["skipped_blocks"].get(tier, 0) + n - taken
+            ms = lambda s: None if s is None else round(1e3 * s, 2)  # noqa: E731
             extra["plan"] = {"load_blocks": lk.plan.load_blocks, "hit_blocks": lk.plan.hit_blocks,
-                             "reason": lk.plan.reason, "why": lk.plan.sentence()}
+                             "reason": lk.plan.reason, "load_ms": ms(lk.plan.load_s), "ttft_ms": ms(lk.plan.ttft_s),
+                             "recompute_ms": ms(lk.plan.recompute_s), "why": lk.plan.sentence()}
             log.info("req %s: %s", request.request_id, lk.plan.sentence())
         self.journal.lookup({"t": round(time.time(), 3), "req": request.request_id, "tokens": request.num_tokens,
                              "blocks": lk.blocks, "first": st.ids[0].hex() if st.ids else "",
