@@ -77,6 +77,7 @@ def test_a_slow_ssd_is_skipped_and_says_why():
 def test_host_hits_load_and_the_slow_ssd_hits_after_them_do_not():
     d = planner(rates(host=50 * GB, ssd=0.5 * GB)).decide(["host"] * 100 + ["ssd"] * 400, 8000)
     assert d.load_blocks == 100 and d.reason == "partial"
+    assert d.loaded_by_tier() == {"host": 100} and d.skipped_by_tier() == {"ssd": 400}
     costs = brute_force(planner(d_rates := rates(host=50 * GB, ssd=0.5 * GB)), ["host"] * 100 + ["ssd"] * 400, 8000)
     assert d.ttft_s == pytest.approx(min(costs)) and d_rates is not None
 

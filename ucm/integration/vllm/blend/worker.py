@@ -108,7 +108,7 @@ class BlendWorker:
                     always += idx[:first].tolist()
                     reused.append(idx[first:])
                     positions.append(pos[first:])
-                    owner.append(torch.full((idx.numel() - min(first, idx.numel()),), r, dtype=torch.int64))
+                    owner.append(torch.full_like(idx[first:], r))
                     cached_k.append(keys[first:])
             for save in rm.saves:
                 a, b = save.part

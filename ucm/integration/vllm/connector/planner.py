@@ -47,6 +47,25 @@ class LoadDecision:
     def skipped_blocks(self) -> int:
         return self.hit_blocks - self.load_blocks
 
+    def loaded_by_tier(self) -> dict[str, int]:
+        """Blocks to load per tier (the loaded blocks lead the hit order)."""
+        out, k = {}, self.load_blocks
+        for tier, n, _ in self.tiers:
+            taken = min(n, k)
+            k -= taken
+            if taken:
+                out[tier] = out.get(tier, 0) + taken
+        return out
+
+    def skipped_by_tier(self) -> dict[str, int]:
+        """Hit blocks not loaded, per tier."""
+        out = {}
+        for tier, n, _ in self.tiers:
+            out[tier] = out.get(tier, 0) + n
+        for tier, n in self.loaded_by_tier().items():
+            out[tier] -= n
+        return {t: n for t, n in out.items() if n}
+
     def sentence(self) -> str:
         """For logs and `ucm doctor`: e.g. 'skipped 500 of 500 hit blocks: ssd 1.1 GB/s, loading
         would take 760 ms, recompute 206 ms'."""

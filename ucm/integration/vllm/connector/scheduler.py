@@ -102,8 +102,10 @@ class SchedulerSide:
         first = num_computed_tokens // bs
         plan = None
         if hit_tokens > num_computed_tokens:
-            hit_ids = self.identity.for_rank(ids[first:-(-hit_tokens // bs)], 0)
-            plan = self._planning()[0].decide(self.store.where(hit_ids), n_tokens - num_computed_tokens)
+            # local tiers only: a hit that is in neither is the remote tier's (lookup_prefix asked it)
+            where = self.store.where(self.identity.for_rank(ids[first:-(-hit_tokens // bs)], 0), remote=False)
+            tiers = ["remote" if w == "none" else w for w in where]
+            plan = self._planning()[0].decide(tiers, n_tokens - num_computed_tokens)
             hit_tokens = min(hit_tokens, (first + plan.load_blocks) * bs)
         external = max(0, hit_tokens - num_computed_tokens)
         st.lookup = Lookup(len(ids), hits, num_computed_tokens // bs,
@@ -131,10 +133,10 @@ class SchedulerSide:
         a, b = lk.load_range
         st.load = (st.ids[a:b], st.block_ids[a:b])
         st.load_whole_blocks = lk.whole_blocks
-        where = self.store.where(self.identity.for_rank(st.ids[a:b], 0), remote=False)
+        loaded = lk.plan.loaded_by_tier()  # the tiers the lookup found, for the blocks it loads
         bs = self.block_size
-        host = min(sum(w == "host" for w in where) * bs, num_external_tokens)
-        ssd = min(sum(w == "ssd" for w in where) * bs, num_external_tokens - host)
+        host = min(loaded.get("host", 0) * bs, num_external_tokens)
+        ssd = min(loaded.get("ssd", 0) * bs, num_external_tokens - host)
         st.load_sources = {"host": host, "ssd": ssd, "remote": num_external_tokens - host - ssd}
         st.saved_upto = max(st.saved_upto, b)
         lk.load_range = None
@@ -154,12 +156,8 @@ class SchedulerSide:
         c["loaded_tokens"] += loaded
         extra = {}
         if lk.plan is not None and lk.plan.skipped_blocks:
-            k = lk.plan.load_blocks
-            for tier, n, _ in lk.plan.tiers:  # the loaded blocks lead the hit order, the skipped ones follow
-                taken = min(n, k)
-                k -= taken
-                if n > taken:
-                    c["skipped_blocks"][tier] = c["skipped_blocks"].get(tier, 0) + n - taken
+            for tier, n in lk.plan.skipped_by_tier().items():
+                c["skipped_blocks"][tier] = c["skipped_blocks"].get(tier, 0) + n
             ms = lambda s: None if s is None else round(1e3 * s, 2)  # noqa: E731
             extra["plan"] = {"load_blocks": lk.plan.load_blocks, "hit_blocks": lk.plan.hit_blocks,
                              "reason": lk.plan.reason, "load_ms": ms(lk.plan.load_s), "ttft_ms": ms(lk.plan.ttft_s),
