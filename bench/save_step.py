@@ -2,7 +2,7 @@
 
 A decode step of a batch of R requests that all cross a block boundary hands R blocks to the saver.
 Every save costs Python time in the engine process, on the GIL its kernel launches need (on the H200,
-py-spy --gil of a 64 x 2K batch: bench/results/gpu_e2e.md). Measured through the real worker (vLLM's
+py-spy --gil of a 64 x 2K batch: bench/results/gpu_e2e-2026-12-01.md). Measured through the real worker (vLLM's
 CPU objects, SmolLM2-135M, host tier in /dev/shm, no SSD), side by side in one run:
   * one save per step: the step's R blocks in one reservation, copy and commit (the worker's way);
   * one save per request: R saves of one block each (how the worker saved before), emulated by handing

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from ucm.integration.vllm.connector.planner import MARGIN, LoadPlanner, StepTimer
+from ucm.integration.vllm.connector.planner import MARGIN, ClockMarks, ForwardTimer, LoadPlanner, PrefillFit
 from ucm.tiers.rates import MIN_LOAD_BYTES, Rates
 
 PAGE = 2 << 20  # Llama-3-8B, block 16, bf16: 2 MiB per block
@@ -170,46 +170,107 @@ def test_a_broken_rates_file_leaves_the_figures_unknown(tmp_path):
     assert r.bandwidth("ssd") is None and r.prefill_seconds(10) is None
 
 
-def test_the_step_timer_fits_fixed_and_per_token_time_from_busy_steps():
-    clock = Clock(0.0)
-    r = Rates(None, clock=clock)
-    timer = StepTimer(r, clock=clock)
+def test_the_prefill_fit_finds_fixed_and_per_token_time_of_forward_passes():
+    r = Rates(None, clock=Clock())
+    fit = PrefillFit(r)
+    fit.add(300, 3.5)  # a fresh engine's first passes compile: seconds, not fitted
+    fit.add(64, 0.9)
     rng = random.Random(3)
-    for i in range(40):
-        tokens = {"a": rng.choice([1, 512, 2048, 4096]), "b": 1}
-        timer.step(tokens)
-        clock.t += 0.015 + 40e-6 * sum(tokens.values())
+    for _ in range(8):
+        n = rng.choice([1, 64, 512, 2048, 4096])
+        fit.add(n, 0.015 + 40e-6 * n)
+    fit.add(1, 0.015 + 40e-6)  # a fit through the origin (all passes of one size) would call this a stall
     assert r.prefill_seconds(1000) == pytest.approx(0.015 + 40e-6 * 1000, rel=1e-6)
 
 
-def test_the_step_timer_ignores_the_wait_of_an_idle_engine():
-    clock = Clock(0.0)
-    r = Rates(None, clock=clock)
-    timer = StepTimer(r, clock=clock)
-    for i in range(6):
-        timer.step({f"r{i}": 1000})  # each step a new request: the engine went idle between them
-        clock.t += 5.0
+def test_the_prefill_fit_waits_for_prefill_passes_and_follows_recent_ones():
+    r = Rates(None, clock=Clock())
+    fit = PrefillFit(r)
+    fit._warmup = 0
+    for _ in range(20):
+        fit.add(1, 0.01)  # decode passes alone say nothing of prefill
+    fit.add(2000, 0.05)
+    fit.add(2000, 0.05)
     assert r.prefill_seconds(1000) is None
-    for i in range(4):
-        timer.step({"x": 1000})
-        clock.t += 0.05
-    assert r.prefill_seconds(1000) == pytest.approx(0.05)
+    fit.add(4000, 0.09)
+    assert r.prefill_seconds(1000) == pytest.approx(0.01 + 20e-6 * 1000, rel=1e-3)
+    for _ in range(200):  # the engine got twice as slow per token: old passes decay away
+        fit.add(1, 0.01)
+        fit.add(4000, 0.01 + 40e-6 * 4000)
+    assert r.prefill_seconds(1000) == pytest.approx(0.01 + 40e-6 * 1000, rel=1e-3)
+    fit.add(4000, 2.0)  # one stall (a collection, a page fault storm): not fitted
+    assert r.prefill_seconds(1000) == pytest.approx(0.01 + 40e-6 * 1000, rel=1e-3)
+    for _ in range(100):  # but ten times slower for good: followed
+        fit.add(1, 0.1)
+        fit.add(4000, 10 * (0.01 + 40e-6 * 4000))
+    assert r.prefill_seconds(1000) == pytest.approx(10 * (0.01 + 40e-6 * 1000), rel=1e-3)
 
 
-def test_the_step_timer_times_a_last_step_by_the_request_finishing():
-    """One-token requests one at a time (no step follows a busy one): each step ends when its request
-    finishes, and a step is counted once even if the next step also ends it."""
+def test_decode_passes_are_not_stalls_and_one_stall_in_a_run_of_normal_passes_is_dropped():
+    r = Rates(None, clock=Clock())
+    fit = PrefillFit(r)
+    fit._warmup = 0
+    for _ in range(3):
+        fit.add(2000, 0.05)  # passes of one size: a fit through the origin (25 us per token)
+    for _ in range(5):
+        fit.add(1, 0.01)  # 400x that fit's prediction, but 10 ms: a decode pass, not a stall
+    assert not fit._stalls and fit._prefill_passes == 3
+    for _ in range(10):  # stalls that never come three in a row (a normal prefill pass ends a run)
+        fit.add(2000, 1.0)
+        fit.add(2000, 1.0)
+        fit.add(2000, 0.05)
+    assert r.prefill_seconds(2000) == pytest.approx(0.05, rel=0.05)
+
+
+class LateMarks:
+    """Marks like CUDA events: a moment is 'done' only once `done` has passed it (the GPU ran that far)."""
+
+    def __init__(self):
+        self.t, self.done = 0.0, -1.0
+
+    def now(self):
+        return self.t
+
+    def elapsed(self, a, b):
+        return b - a if b <= self.done else None
+
+
+def test_the_forward_timer_times_passes_once_done_in_order_and_never_waits():
+    r = Rates(None, clock=Clock())
+    fit = PrefillFit(r)
+    marks = LateMarks()
+    fit._warmup = 0
+    timer = ForwardTimer(fit, marks)
+    for n in (1000, 3000, 2000):
+        timer.begin(n)
+        marks.t += 0.01 + 20e-6 * n
+        timer.end()
+        marks.t += 0.5  # the rest of the step, outside the forward pass
+    assert fit._prefill_passes == 0 and len(timer._pending) == 3, "no pass is done on the 'GPU' yet"
+    marks.done = marks.t
+    timer.begin(0)  # a step without a forward pass is not timed
+    marks.t += 5.0
+    timer.end()
+    timer.begin(4000)
+    timer.exclude()  # nor one that waited for a synchronous load
+    marks.t += 5.0
+    timer.end()
+    assert fit._prefill_passes == 3 and not timer._pending
+    assert r.prefill_seconds(1000) == pytest.approx(0.01 + 20e-6 * 1000, rel=1e-6)
+    for _ in range(3 * ForwardTimer.MAX_PENDING):  # a GPU that never reports: a bounded queue
+        timer.begin(500)
+        timer.end()
+    assert len(timer._pending) == ForwardTimer.MAX_PENDING
+
+
+def test_the_forward_timer_on_a_clock():
     clock = Clock(0.0)
-    r = Rates(None, clock=clock)
-    timer = StepTimer(r, clock=clock)
-    for i, n in enumerate([1000, 4000, 2000, 8000]):
-        timer.step({f"q{i}": n})
+    r = Rates(None, clock=Clock())
+    timer = ForwardTimer(PrefillFit(r), ClockMarks(clock))
+    for n in (300, 300, 1000, 4000, 2000, 8000):  # the first two warm the engine up
+        timer.begin(n)
         clock.t += 0.01 + 20e-6 * n
-        timer.finished(f"q{i}")
-        clock.t += 3.0  # idle until the next request
+        timer.end()
+        clock.t += 3.0  # idle until the next request: never counted
     assert r.prefill_seconds(8000) == pytest.approx(0.01 + 20e-6 * 8000)
-    timer.step({"a": 500, "b": 1})
-    clock.t += 0.5
-    timer.finished("b")
-    timer.step({"a": 1})  # the same step again: already timed
-    assert timer._sums[0] == pytest.approx(sum(0.95 ** k for k in range(5)))
+

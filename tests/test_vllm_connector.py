@@ -8,6 +8,7 @@ import functools
 import glob
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 
@@ -370,6 +371,22 @@ def test_the_load_planner_recomputes_hits_slower_to_load_and_says_why(tmp_path):
                                                     transfer={"layerwise_load": False}))
     assert off["phase_metrics"][0].get(EXT, 0) == A_BLOCKS * BLOCK
     assert Rates(storage).bandwidth("ssd") > 1.2e6, "the whole SSD load was not measured"
+
+
+@pytest.mark.parametrize("mp", [False, True], ids=["sp", "mp"])
+def test_the_worker_times_its_forward_passes_for_the_planner(tmp_path, mp):
+    """Six prompts of 300 tokens, one at a time (max_tokens 1): the worker times each forward pass and
+    fits the step time (the first two passes warm the engine up), written to <storage>/rates/ (from the
+    worker's process in multiprocess mode). The fit's time for a 300-token prompt lies inside the wall
+    time of generating it, and not far below."""
+    root = str(tmp_path)
+    prompts = [prompt_tokens(300, 3000 + 300 * k) for k in range(6)]
+    out = run_vllm([[p] for p in prompts], connector=ucm_connector(root, planner=True, module_path=not mp),
+                   multiprocessing=mp, max_tokens=1)
+    predicted = Rates(_storage_dir(root)).prefill_seconds(300)
+    assert predicted is not None, "no forward pass was timed"
+    wall = statistics.median(out["seconds"])
+    assert 0.3 * wall < predicted < wall, (predicted, out["seconds"])
 
 
 def _yaml(tmp_path, cfg) -> str:

@@ -1,8 +1,8 @@
 """Measured rates that the load planner works from, shared through the store's directory.
 
 <storage>/rates/tiers.json    per tier: load bandwidth (bytes/s) from the worker's whole loads
-<storage>/rates/prefill.json  the engine's step time as `fixed + per_token * tokens` (seconds), fitted
-                              from the scheduler's step timings (StepTimer in connector/planner.py)
+<storage>/rates/prefill.json  the engine's forward-pass time as `fixed + per_token * tokens` (seconds),
+                              fitted from the worker's timed passes (ForwardTimer in connector/planner.py)
 
 Each bandwidth is an exponentially weighted mean over recent loads (the step-time fit is one already), so it follows a disk that gets
 slower or a page cache that gets warm; a fresh process starts from what the last one measured. A figure

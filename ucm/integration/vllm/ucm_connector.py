@@ -160,6 +160,11 @@ class UCMDirectConnector(KVConnectorBase_V1):
         assert isinstance(meta, UCMConnectorMetadata)
         return meta
 
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        super().bind_connector_metadata(connector_metadata)
+        if self.worker is not None and isinstance(connector_metadata, UCMConnectorMetadata):
+            self.worker.forward_begins(connector_metadata)
+
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
         meta = self._meta()
         self.worker.start_load_kv(meta)

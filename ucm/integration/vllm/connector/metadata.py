@@ -28,6 +28,7 @@ class RequestMeta:
 class UCMConnectorMetadata(KVConnectorMetadata):
     requests: list[RequestMeta] = field(default_factory=list)
     preempted: set[str] = field(default_factory=set)
+    step_tokens: int = 0  # tokens this step computes (the worker times its forward pass for the planner)
     blend: list[Any] = field(default_factory=list)  # blend.plan.BlendRequestMeta of blended requests
 
 

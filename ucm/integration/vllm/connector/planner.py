@@ -14,9 +14,11 @@ The planner takes the k with the lowest prediction, and loads nothing unless tha
 MARGIN of the recompute time (figures drift; a tie is not worth a load). While a figure it needs is
 unknown (nothing measured yet, or too old) it loads every hit, which measures it.
 
-`StepTimer` fits the step time from the scheduler's own steps: from `build_connector_meta` of a step
-to the next step's (a busy engine) or to `request_finished` of a request that step completed, against
-the tokens that step scheduled.
+The step time comes from the worker's own forward passes (`ForwardTimer`: CUDA events on the compute
+stream on a GPU, the clock on a CPU; `PrefillFit` fits it against the tokens each pass computed). An
+earlier design timed the scheduler's steps instead; under vLLM's async scheduling those intervals hold
+other steps, output processing and load handshakes, and on the H200 its fit priced a pass of one token
+at 57 ms and 2,000 more tokens at about 1 ms, so the planner skipped a host-tier hit worth ~15 ms.
 """
 
 from __future__ import annotations
@@ -138,62 +140,63 @@ class LoadPlanner:
         return LoadDecision(k, h, load_s, ttft, recompute, load_all, reason, shown)
 
 
-class StepTimer:
-    """Fits step seconds = fixed + per_token * scheduled tokens over recent steps and hands each new fit
-    to `rates`. A step's time is known when the engine builds the next step while a request of it goes
-    on (the time before an idle engine's next step is waiting, not computing), or when a request of it
-    finishes (vLLM frees it right after that step's output). `clock`: injectable (seconds)."""
+class PrefillFit:
+    """Fits forward-pass seconds = fixed + per_token * tokens over recent passes (older ones decay) and
+    hands each new fit to `rates`. A process's first passes are not fitted (they compile and warm caches:
+    seconds where later passes take milliseconds), nor a pass far slower than the fit predicts (a stall),
+    unless such passes keep coming (then the engine is slower now, and the fit follows)."""
 
-    DECAY = 0.95  # weight of the older steps per new step
-    MIN_PREFILL_TOKENS = 128  # steps with fewer tokens tell little about prefill
-    MIN_SAMPLES = 3  # prefill steps before the first fit
+    DECAY = 0.95  # weight of the older passes per new pass
+    MIN_PREFILL_TOKENS = 128  # passes with fewer tokens tell little about prefill
+    MIN_SAMPLES = 3  # prefill passes before the first fit
+    WARMUP_PASSES = 2  # a process's first passes, not fitted
+    STALL = 4.0  # a pass this many times slower than predicted, and STALL_S slower, is a stall...
+    STALL_S = 0.1
+    STALLS_TO_FOLLOW = 3  # ...unless this many come in a row
 
-    @dataclass
-    class _Step:
-        time: float
-        tokens: int
-        reqs: frozenset
-        timed: bool = False
-
-    def __init__(self, rates: Rates, clock=time.perf_counter):
-        self.rates, self.clock = rates, clock
-        self._recent: list[StepTimer._Step] = []  # the last two steps built (async scheduling builds ahead)
+    def __init__(self, rates: Rates):
+        self.rates = rates
         self._sums = [0.0] * 5  # decayed sums of w, x, y, xx, xy
-        self._prefill_steps = 0
+        self._prefill_passes = 0
+        self._warmup = self.WARMUP_PASSES
+        self._stalls: list[tuple[int, float]] = []  # the stalls in a row so far
 
-    def step(self, tokens: dict[str, int]) -> None:
-        """A step is being built with `tokens` scheduled per request."""
-        now = self.clock()
-        reqs = frozenset(r for r, n in tokens.items() if n)
-        last = self._recent[-1] if self._recent else None
-        if last is not None and last.reqs & reqs:
-            self._sample(last, now)
-        self._recent = (self._recent + [self._Step(now, sum(tokens.values()), reqs)])[-2:]
-
-    def finished(self, req_id: str) -> None:
-        """`req_id` finished: the step that computed its last token is done now."""
-        for st in reversed(self._recent):
-            if req_id in st.reqs:
-                self._sample(st, self.clock())
-                return
-
-    def _sample(self, st: "StepTimer._Step", now: float) -> None:
-        if st.timed or not st.tokens:
+    def add(self, tokens: int, seconds: float) -> None:
+        """One forward pass that computed `tokens` tokens in `seconds`."""
+        if tokens <= 0 or seconds <= 0:
             return
-        st.timed = True
-        x, y = float(st.tokens), now - st.time
+        if self._warmup:
+            self._warmup -= 1
+            return
+        fit = self.fit() if self._prefill_passes >= self.MIN_SAMPLES else None
+        predicted = None if fit is None else fit[0] + fit[1] * tokens
+        if predicted is not None and seconds > max(self.STALL * predicted, predicted + self.STALL_S):
+            self._stalls.append((tokens, seconds))
+            if len(self._stalls) < self.STALLS_TO_FOLLOW:
+                return
+            stalls, self._stalls = self._stalls, []  # slower for good: the fit starts over from these
+            self._sums, self._prefill_passes = [0.0] * 5, 0
+            for t, sec in stalls:
+                self._add(t, sec)
+            return
+        if tokens >= self.MIN_PREFILL_TOKENS:
+            self._stalls = []  # the run of stalls ends (decode passes between them do not end it)
+        self._add(tokens, seconds)
+
+    def _add(self, tokens: int, seconds: float) -> None:
+        x, y = float(tokens), seconds
         s = self._sums = [v * self.DECAY for v in self._sums]
         for i, v in enumerate((1.0, x, y, x * x, x * y)):
             s[i] += v
         if x >= self.MIN_PREFILL_TOKENS:
-            self._prefill_steps += 1
-        if self._prefill_steps >= self.MIN_SAMPLES:
+            self._prefill_passes += 1
+        if self._prefill_passes >= self.MIN_SAMPLES:
             fit = self.fit()
             if fit is not None:
                 self.rates.record_prefill(*fit)
 
     def fit(self) -> tuple[float, float] | None:
-        """(fixed seconds per step, seconds per token), or None."""
+        """(fixed seconds per pass, seconds per token), or None."""
         w, sx, sy, sxx, sxy = self._sums
         if w <= 0 or sx <= 0:
             return None
@@ -204,4 +207,56 @@ class StepTimer:
             fixed = my - per_token * mx
             if per_token > 0 and fixed >= 0:
                 return fixed, per_token
-        return 0.0, sxy / sxx  # through the origin: all steps of one size, or a negative intercept
+        return 0.0, sxy / sxx  # through the origin: all passes of one size, or a negative intercept
+
+
+class ClockMarks:
+    """Marks of a forward pass that runs synchronously (vLLM's CPU build): the clock, in seconds."""
+
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
+
+    def now(self):
+        return self.clock()
+
+    def elapsed(self, a, b) -> float | None:
+        return b - a
+
+
+class ForwardTimer:
+    """Times the worker's forward passes for the planner's step-time fit: `begin(tokens)` when vLLM
+    binds a step's metadata (just before its forward pass), `end()` at `wait_for_save` (after it; vLLM
+    0.32 calls `start_load_kv` after the forward pass too unless a load must precede it). A pass that
+    waited for a synchronous load, whole or layer by layer, is not timed (`exclude()`): it would time
+    the load. `marks` says what a moment is: the clock on a CPU, a CUDA event recorded on the compute
+    stream on a GPU (`elapsed` is None until the GPU has passed both; the timer never waits for it)."""
+
+    MAX_PENDING = 8  # passes issued but not yet done on the GPU; older ones are dropped
+
+    def __init__(self, fit: PrefillFit, marks):
+        self.fit, self.marks = fit, marks
+        self._open: tuple[int, object] | None = None
+        self._pending: list[tuple[int, object, object]] = []
+
+    def begin(self, tokens: int) -> None:
+        self.poll()
+        self._open = (tokens, self.marks.now()) if tokens > 0 else None
+
+    def exclude(self) -> None:
+        self._open = None
+
+    def end(self) -> None:
+        if self._open is not None:
+            self._pending = (self._pending + [(*self._open, self.marks.now())])[-self.MAX_PENDING:]
+            self._open = None
+        self.poll()
+
+    def poll(self) -> None:
+        """Hand the finished passes, in order, to the fit."""
+        while self._pending:
+            tokens, a, b = self._pending[0]
+            seconds = self.marks.elapsed(a, b)
+            if seconds is None:
+                return
+            self._pending.pop(0)
+            self.fit.add(tokens, seconds)

@@ -15,8 +15,8 @@
   carries it, and a failed block is recomputed before the request runs). A blended request loads no
   prefix: its chunks are blended in the steps that compute it.
 * The load planner (planner.py, `transfer.load_planner`) loads only the leading hits that make the first
-  token come sooner than recomputing them, from the measured tier bandwidths and the step time that
-  `build_connector_meta` measures; what it skipped is journaled and counted per tier.
+  token come sooner than recomputing them, from the tier bandwidths and the forward-pass time the
+  worker measures (`step_tokens` in each step's metadata); what it skipped is journaled and counted per tier.
 * A blend planner (BlendConnector) may replace a prefix load by a blend and limits the exact-prefix saves.
 """
 
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.metadata import Lookup, RequestMeta, RequestState, UCMConnectorMetadata
-from ucm.integration.vllm.connector.planner import LoadPlanner, StepTimer
+from ucm.integration.vllm.connector.planner import LoadPlanner
 from ucm.integration.vllm.identity import BlockIdentity, request_salt
 from ucm.integration.vllm.connector.store_access import StoreAccess
 from ucm.logger import get_logger
@@ -58,16 +58,13 @@ class SchedulerSide:
                         "skipped_blocks": {}}  # tier -> hit blocks the planner did not load
         self.overlap = overlap
         self._planner: LoadPlanner | None = None
-        self._timer: StepTimer | None = None
 
-    def _planning(self) -> tuple[LoadPlanner, StepTimer]:
-        """The load planner and the step timer that feeds it (created with the store)."""
+    def _planning(self) -> LoadPlanner:
+        """The load planner (created with the store; the worker measures what it works from)."""
         if self._planner is None:
-            rates = self._access.rates
-            self._planner = LoadPlanner(rates, self.page_size, self.block_size, self.overlap,
+            self._planner = LoadPlanner(self._access.rates, self.page_size, self.block_size, self.overlap,
                                         self.config.transfer.load_planner)
-            self._timer = StepTimer(rates)
-        return self._planner, self._timer
+        return self._planner
 
     @property
     def store(self) -> TieredStore:
@@ -105,7 +102,7 @@ class SchedulerSide:
             # local tiers only: a hit that is in neither is the remote tier's (lookup_prefix asked it)
             where = self.store.where(self.identity.for_rank(ids[first:-(-hit_tokens // bs)], 0), remote=False)
             tiers = ["remote" if w == "none" else w for w in where]
-            plan = self._planning()[0].decide(tiers, n_tokens - num_computed_tokens)
+            plan = self._planning().decide(tiers, n_tokens - num_computed_tokens)
             hit_tokens = min(hit_tokens, (first + plan.load_blocks) * bs)
         external = max(0, hit_tokens - num_computed_tokens)
         st.lookup = Lookup(len(ids), hits, num_computed_tokens // bs,
@@ -177,9 +174,8 @@ class SchedulerSide:
 
     # ---- steps ------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> UCMConnectorMetadata:
-        meta = UCMConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()))
-        if self.loads:
-            self._planning()[1].step(scheduler_output.num_scheduled_tokens)
+        meta = UCMConnectorMetadata(preempted=set(scheduler_output.preempted_req_ids or ()),
+                                    step_tokens=scheduler_output.total_num_scheduled_tokens)
         for req_id in self._async_loads:
             st = self.reqs.get(req_id)
             if st is not None and st.load is not None:
@@ -245,8 +241,6 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> bool:
         """True if the request's blocks must wait for saves in flight (the worker reports them done)."""
         st = self.reqs.pop(request.request_id, None)
-        if self._timer is not None and "ABORTED" not in str(getattr(request, "status", "")):
-            self._timer.finished(request.request_id)  # an abort ends no step
         if self.blend is not None:
             self.blend.finished(request.request_id)
         return st is not None and st.dumps_scheduled

@@ -31,6 +31,7 @@ import torch
 from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.layers import HostLayers, LayerPlan, layer_plan
 from ucm.integration.vllm.connector.metadata import RequestMeta, UCMConnectorMetadata
+from ucm.integration.vllm.connector.planner import ClockMarks, ForwardTimer, PrefillFit
 from ucm.integration.vllm.connector.saves import Saves
 from ucm.integration.vllm.connector.stats import GAUGE_KEYS, STAT_KEYS, UCMConnectorStats
 from ucm.integration.vllm.identity import BlockIdentity
@@ -59,6 +60,18 @@ class LoadResult:
     ssd: int = 0
     remote: int = 0
     seconds: float = 0.0
+
+
+class CudaMarks:
+    """ForwardTimer's moments on a GPU: events recorded on the current (compute) stream."""
+
+    def now(self) -> torch.cuda.Event:
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def elapsed(self, a: torch.cuda.Event, b: torch.cuda.Event) -> float | None:
+        return a.elapsed_time(b) / 1e3 if b.query() else None
 
 
 class WorkerSide:
@@ -93,6 +106,7 @@ class WorkerSide:
         self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="ucm-load")
         self._load_stream = None  # a GPU's stream for async loads (register_kv_caches)
         self._forward_ran = False  # this step ran a forward pass (wait_for_save was called)
+        self._forward_timer: ForwardTimer | None = None  # times forward passes for the load planner
         self._occupancy_at = float("-inf")  # when take_stats last read the tiers' occupancy
 
     @property
@@ -120,6 +134,7 @@ class WorkerSide:
         tc = self.config.transfer
         self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
         self.saves = Saves(gpu)
+        self._forward_timer = ForwardTimer(PrefillFit(self._access.rates), CudaMarks() if gpu else ClockMarks())
         self._load_stream = torch.cuda.Stream() if gpu else None
         self._layer_stream = torch.cuda.Stream() if gpu else None
         host = self.store.host
@@ -148,8 +163,20 @@ class WorkerSide:
         log.info("worker rank %d: %s; store %s; %s", self.rank, self.layout.describe(), self.store.storage_path, how)
 
     # ---- loads ------------------------------------------------------------------------------------
+    def forward_begins(self, meta: UCMConnectorMetadata) -> None:
+        """vLLM bound this step's metadata: its forward pass comes next (timed for the load planner)."""
+        if self._forward_timer is not None:
+            self._forward_timer.begin(meta.step_tokens)
+
     def start_load_kv(self, meta: UCMConnectorMetadata) -> None:
-        """Load this step's hits (see the module docstring)."""
+        """Load this step's hits (see the module docstring). A forward pass that waits for a synchronous
+        load is not timed for the planner."""
+        if self._start_loads(meta) and self._forward_timer is not None:
+            self._forward_timer.exclude()
+
+    def _start_loads(self, meta: UCMConnectorMetadata) -> bool:
+        """Do or start this step's synchronous loads and submit its async ones; True if there was a
+        synchronous load."""
         self.request_metas.update((rm.req_id, rm) for rm in meta.requests)
         self._step_loads, self._step_failed = {}, set()
         ids: list[bytes] = []
@@ -168,12 +195,12 @@ class WorkerSide:
             vids += rm.load_block_ids[1]
             whole += [k < rm.load_whole_blocks for k in range(n)]
         if not ids:
-            return
+            return False
         t0 = time.perf_counter()
         store_ids = self.identity.for_rank(ids, self.rank)
         if self._layer_plan is not None and self._gpu_layers:
             self._start_host_layers(store_ids, vids, t0)
-            return
+            return True
         layered: list[int] = []
         if self._layer_plan is not None:
             where = self.store.where(store_ids, remote=False)
@@ -194,6 +221,7 @@ class WorkerSide:
             store_ids, vids = [store_ids[k] for k in rest], [vids[k] for k in rest]
         if store_ids:
             self._load_whole(store_ids, vids, t0)
+        return True
 
     def _start_host_layers(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
         """Start copying a step's hits into vLLM blocks `vids` layer by layer on the layer stream (after
@@ -334,6 +362,8 @@ class WorkerSide:
         reservation, one copy and one commit per step, not per request (every save costs Python time on
         the GIL the engine's kernel launches need). A request whose loads failed in this step saves
         nothing of it: its new KV attended to blocks that were not there."""
+        if self._forward_timer is not None:
+            self._forward_timer.end()
         self.finish_layered()
         self._forward_ran = True
         jobs: list[tuple[str, list[bytes], list[int]]] = []
