@@ -170,6 +170,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
         self.worker.start_load_kv(meta)
         if self.blend_worker is not None:
             self.blend_worker.start_step(forward_context, meta)
+            if meta.blend:
+                self.worker.untimed_forward()  # a blended pass computes only part of its tokens
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         self.worker.wait_for_layer_load(layer_name)

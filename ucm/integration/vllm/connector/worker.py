@@ -168,11 +168,16 @@ class WorkerSide:
         if self._forward_timer is not None:
             self._forward_timer.begin(meta.step_tokens)
 
+    def untimed_forward(self) -> None:
+        """This step's forward pass says nothing of the engine's prefill time: not timed."""
+        if self._forward_timer is not None:
+            self._forward_timer.exclude()
+
     def start_load_kv(self, meta: UCMConnectorMetadata) -> None:
         """Load this step's hits (see the module docstring). A forward pass that waits for a synchronous
         load is not timed for the planner."""
-        if self._start_loads(meta) and self._forward_timer is not None:
-            self._forward_timer.exclude()
+        if self._start_loads(meta):
+            self.untimed_forward()
 
     def _start_loads(self, meta: UCMConnectorMetadata) -> bool:
         """Do or start this step's synchronous loads and submit its async ones; True if there was a
