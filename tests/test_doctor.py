@@ -151,6 +151,25 @@ def test_tp_rank_one_shard_is_found_and_the_missing_rank_named(tmp_path):
     assert "rank 1: H H H H H H H H H" in text, text
 
 
+def test_a_block_one_tp_rank_lacks_is_a_miss_for_the_scheduler(tmp_path):
+    """TP=3 (SmolLM2's 9 heads) with simulated ranks: ranks 0 and 1 store A's 9 blocks, rank 2 only the
+    first 5. The scheduler counts a block as a hit only when every rank has its shard: 5 blocks load and
+    the other 4 are computed (never two ranks' KV beside a missing shard). Once rank 2 stores the rest,
+    all 9 hit."""
+    for rank in (0, 1):
+        _save(tmp_path, A, tp_size=3, rank=rank)
+    _save(tmp_path, A[:5 * BLOCK], tp_size=3, rank=2)
+    sched = debug_connector(ensure_model(), "scheduler", _cfg(tmp_path), tp_size=3)
+    try:
+        external, _ = sched.get_num_new_matched_tokens(debug_request("warm", A), 0)
+        assert external == 5 * BLOCK
+        _save(tmp_path, A, tp_size=3, rank=2)
+        external, _ = sched.get_num_new_matched_tokens(debug_request("warm-again", A), 0)
+        assert external == 9 * BLOCK
+    finally:
+        sched.shutdown()
+
+
 def _files(root) -> dict:
     out = {}
     for dirpath, _, files in os.walk(root):
