@@ -134,7 +134,8 @@ class WorkerSide:
         tc = self.config.transfer
         self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
         self.saves = Saves(gpu)
-        self._forward_timer = ForwardTimer(PrefillFit(self._access.rates), CudaMarks() if gpu else ClockMarks())
+        if tc.load_planner:  # the load planner's step time: with the planner off, no one needs it
+            self._forward_timer = ForwardTimer(PrefillFit(self._access.rates), CudaMarks() if gpu else ClockMarks())
         self._load_stream = torch.cuda.Stream() if gpu else None
         self._layer_stream = torch.cuda.Stream() if gpu else None
         host = self.store.host
