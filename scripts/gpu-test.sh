@@ -1,8 +1,45 @@
 #!/usr/bin/env bash
-# Run tests/gpu on a machine with a CUDA GPU and vLLM's GPU build on the path (tests/gpu/README.md).
+# Run the GPU tests on a machine with a CUDA GPU and vLLM's GPU build on the path (tests/gpu/README.md).
+#
+#   scripts/gpu-test.sh            every GPU test, in GROUPS run side by side (one pytest each; ~5 min on an H200)
+#   scripts/gpu-test.sh ARGS...    one pytest over tests/gpu with ARGS (e.g. -k "chunked")
+#
+# Logs: $OUT/gpu-test.log (or /tmp), one section per group. Exit status: 0 only if every group passed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-log="${OUT:-/tmp}/gpu-test.log"
+out="${OUT:-/tmp}"
 python3 -c "import torch, vllm; assert torch.cuda.is_available(), 'no CUDA GPU'; print('vllm', vllm.__version__, '|', torch.cuda.get_device_name())" || exit 2
-PYTHONUNBUFFERED=1 python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu "$@" 2>&1 | tee "$log"
-exit "${PIPESTATUS[0]}"
+export PYTHONUNBUFFERED=1
+if [ "$#" -gt 0 ]; then
+  python3 -m pytest -q -p no:cacheprovider -m gpu tests/gpu "$@" 2>&1 | tee "$out/gpu-test.log"
+  exit "${PIPESTATUS[0]}"
+fi
+# Groups of about equal length (each starts 4-7 vLLM processes of a small model: the GPU has room for all);
+# each has its own pytest base directory, and the model file is written once before they start.
+GROUPS_=(
+  "tests/gpu -m gpu -k warm_fresh or wrong_load or direct_transfer"
+  "tests/gpu -m gpu -k corrupted"
+  "tests/gpu -m gpu -k chunked"
+  "tests/gpu -m gpu -k working_set or preemption"
+  "tests/test_kernels.py tests/test_transfer_store.py tests/test_rope.py"
+)
+python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); import gpu_harness; print('model', gpu_harness.model_dir())" || exit 2
+pids=()
+for i in "${!GROUPS_[@]}"; do
+  read -r -a words <<<"${GROUPS_[$i]%% -k *}"
+  k=""
+  [[ "${GROUPS_[$i]}" == *" -k "* ]] && k="${GROUPS_[$i]#* -k }"
+  ( python3 -m pytest -q -p no:cacheprovider --basetemp="/tmp/ucm-gpu-tests/g$i" "${words[@]}" ${k:+-k "$k"} \
+      >"/tmp/ucm-gpu-test-g$i.log" 2>&1; echo $? >"/tmp/ucm-gpu-test-g$i.rc" ) &
+  pids+=($!)
+done
+wait "${pids[@]}"
+rc=0
+: >"$out/gpu-test.log"
+for i in "${!GROUPS_[@]}"; do
+  r=$(cat "/tmp/ucm-gpu-test-g$i.rc")
+  [ "$r" = 0 ] || rc=1
+  { echo "=== group $i (exit $r): ${GROUPS_[$i]}"; cat "/tmp/ucm-gpu-test-g$i.log"; } >>"$out/gpu-test.log"
+  echo "group $i (exit $r): $(tail -n 1 "/tmp/ucm-gpu-test-g$i.log")"
+done
+exit "$rc"

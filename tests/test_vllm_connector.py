@@ -7,6 +7,7 @@ vLLM's own prefix-cache reuse at the same split (bf16), or of the no-cache basel
 import functools
 import glob
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -213,8 +214,14 @@ def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split
     root = stored_a_alone
     warm_root = str(tmp_path / "warm")  # a copy: C's blocks saved here stay out of stored_a_alone
     shutil.copytree(os.path.join(root, "ssd"), os.path.join(warm_root, "ssd"))
-    warm = run_vllm([[A], [C]], connector=warm_connector(warm_root, "async", False, transfer={"load_mode": "async"}))
+    warm = run_vllm([[A], [C]], connector=warm_connector(warm_root, "async", False, transfer={"load_mode": "async"}),
+                    env={"UNIFIED_CACHE_LOG_LEVEL": "DEBUG"})
     assert "loads asynchronous (transfer.load_mode: async)" in warm["log"]
+    # while a request waits for its load, vLLM runs steps that compute nothing; each waits for the load
+    # (up to 20 ms, the GIL free) instead of spinning: a load polls a handful of steps, not thousands (before
+    # the idle step came from the metadata, vLLM 0.32's idle steps spun ~9,400 times a load on this machine)
+    polls = [int(x) for x in re.findall(r"\((\d+) steps polled it running\)", warm["log"])]
+    assert len(polls) == 2 and max(polls) <= 50, polls
     assert [m.get(EXT) for m in warm["phase_metrics"]] == [A_BLOCKS * BLOCK] * 2
     assert warm["phase_metrics"][0].get(DISK) == A_BLOCKS * BLOCK
     assert warm["phase_metrics"][1].get(HOST) == A_BLOCKS * BLOCK

@@ -28,10 +28,13 @@ def model_dir(root: str = "/tmp/ucm-gpu-model") -> str:
     far from flat, so a wrong KV block changes the outputs (dummy weights, uniform in ±1e-3, barely do)."""
     if os.path.exists(os.path.join(root, "model.safetensors")):
         return root
+    import tempfile
+
     import torch
     from safetensors.torch import save_file
 
-    os.makedirs(root, exist_ok=True)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + ".", dir=os.path.dirname(root))  # renamed when whole
     c = CONFIG
     g = torch.Generator().manual_seed(0)
     h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * c["head_dim"]
@@ -49,9 +52,17 @@ def model_dir(root: str = "/tmp/ucm-gpu-model") -> str:
                   p + "mlp.down_proj.weight": w(h, inter),
                   p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
                   p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16)})
-    save_file(t, os.path.join(root, "model.safetensors"))
-    with open(os.path.join(root, "config.json"), "w") as f:
+    save_file(t, os.path.join(tmp, "model.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(c, f)
+    try:
+        os.rename(tmp, root)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(root, "model.safetensors")):
+            raise
     return root
 
 
@@ -60,7 +71,10 @@ def tokens(n: int, seed: int) -> list[int]:
     return [r.randrange(100, CONFIG["vocab_size"]) for _ in range(n)]
 
 
-ENGINE = {"load_format": "safetensors", "skip_tokenizer_init": True, "block_size": BLOCK}
+# gpu_memory_utilization only gates vLLM's start-up check of free memory here (kv_cache_memory_bytes sizes the
+# cache): low, so that the test groups of scripts/gpu-test.sh can run side by side on one GPU
+ENGINE = {"load_format": "safetensors", "skip_tokenizer_init": True, "block_size": BLOCK,
+          "gpu_memory_utilization": 0.15}
 
 
 def run(phases, **kw) -> dict:

@@ -103,9 +103,10 @@ class WorkerSide:
         self._layers_waited: set[int] = set()
         self._layer_pool = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="ucm-layers")
         self._async: dict[str, Future] = {}  # request -> its async load (a LoadResult), until reported
+        self._async_polls: dict[str, int] = {}  # request -> get_finished calls that found its async load running
         self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="ucm-load")
         self._load_stream = None  # a GPU's stream for async loads (register_kv_caches)
-        self._forward_ran = False  # this step ran a forward pass (wait_for_save was called)
+        self._idle_step = False  # this step computes no token (no forward pass: vLLM only polls the connector)
         self._forward_timer: ForwardTimer | None = None  # times forward passes for the load planner
         self._occupancy_at = float("-inf")  # when take_stats last read the tiers' occupancy
 
@@ -165,7 +166,9 @@ class WorkerSide:
 
     # ---- loads ------------------------------------------------------------------------------------
     def forward_begins(self, meta: UCMConnectorMetadata) -> None:
-        """vLLM bound this step's metadata: its forward pass comes next (timed for the load planner)."""
+        """vLLM bound this step's metadata: its forward pass, if it computes any token, comes next (timed for
+        the load planner)."""
+        self._idle_step = meta.step_tokens == 0
         if self._forward_timer is not None:
             self._forward_timer.begin(meta.step_tokens)
 
@@ -291,19 +294,22 @@ class WorkerSide:
 
     def _finished_loads(self) -> set[str]:
         """Requests whose async loads are done; their failed blocks join this step's load errors.
-        In a step without a forward pass (nothing could run) it first waits up to IDLE_WAIT_S for one
+        In a step that computes no token (nothing could run) it first waits up to IDLE_WAIT_S for one
         to finish: the engine would otherwise spin through empty steps, holding the GIL the load
-        thread needs, and notice a finished load a step later."""
-        if self._async and not self._forward_ran:
+        thread needs, and notice a finished load a step later. Whether a step is idle comes from its
+        metadata (`step_tokens`), not from which connector calls vLLM makes: 0.32 calls `wait_for_save`
+        in idle steps too, 0.26 does not."""
+        if self._async and self._idle_step:
             wait(list(self._async.values()), timeout=self.IDLE_WAIT_S, return_when=FIRST_COMPLETED)
-        self._forward_ran = False
         done = {r for r, fut in self._async.items() if fut.done()}
+        for req_id in self._async.keys() - done:
+            self._async_polls[req_id] = self._async_polls.get(req_id, 0) + 1
         for req_id in done:
             r = self._async.pop(req_id).result()
             self._count_load(r, in_step=False)
             ok = r.blocks - len(r.errors)
-            log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms", req_id, ok,
-                           ok * self.page_size >> 20, 1e3 * r.seconds)
+            log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms (%d steps polled it running)",
+                           req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, self._async_polls.pop(req_id, 0))
         return done
 
     def _count_load(self, r: LoadResult, in_step: bool = True, whole: bool = True) -> None:
@@ -371,7 +377,6 @@ class WorkerSide:
         if self._forward_timer is not None:
             self._forward_timer.end()
         self.finish_layered()
-        self._forward_ran = True
         jobs: list[tuple[str, list[bytes], list[int]]] = []
         for rm in meta.requests:
             ids, vids = rm.dump_block_ids
