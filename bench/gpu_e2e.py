@@ -10,11 +10,15 @@ configuration. Each configuration is one fresh process, which runs every prompt 
   ucm               UCMConnector, prefix cache off: cold (its saves on), then again (host-tier hit)
   ucm ssd           UCMConnector in a fresh process, a new host tier, page cache dropped: SSD hits,
                     every hit loaded (`load_planner: false`), then again with the load planner
-TTFT = wall time of generate(max_tokens=1) of one prompt, median over the prompts. Throughput: 64
-prompts of 2K tokens and 64 generated tokens each in one generate call, (prompt + generated tokens)/s;
-the first batch of a process warms up and a second, different batch is timed (ucm warm: that batch
-again, all from the host tier; then in a fresh process with the page cache dropped, all on the SSD, with
-the load planner). The cold-store cost is split by ablation (`--ablations`), each its own process: ucm
+  --ablations       also ucm's host-tier hits loaded synchronously layer by layer (`load_mode: sync`) and
+                    with the load planner off (no forward-pass timer), each its own process
+TTFT = wall time of generate(max_tokens=1) of one prompt, median over the prompts; each phase first runs
+one more prompt of its length, untimed (a process's first prompt of a shape pays one-time costs in every
+configuration). Throughput: 64 prompts of 2K tokens and 64 generated tokens each in one generate call,
+(prompt + generated tokens)/s; the first batch of a process warms up and TIMED more batches of new prompts
+are timed, their median the process's figure (ucm warm: the first of them again, all from the host tier;
+then in a fresh process with the page cache dropped, all on the SSD, with the load planner, after a
+warm-up batch). The cold-store cost is split by ablation (`--ablations`), each its own process: ucm
 with kv_role kv_consumer (lookups, no saves), with a host tier only (saves, no SSD writes), with SSD
 writes from threads of the engine's process (`ssd.writer: thread`, the design before), with a 0.5 ms
 GIL switch interval, and (with py-spy) whole under a `--gil` profile. Each batch configuration also times
@@ -49,6 +53,7 @@ LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
              "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "head_dim": 128}
 KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # bytes: 128 KiB
 BATCH, BATCH_LEN, BATCH_GEN = 64, 2000, 64
+TIMED = 3  # timed batches per batch process (new prompts each); the process's figure is their median
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -89,7 +94,9 @@ def child(spec: dict) -> dict:
                 t = time.perf_counter()
                 llm.generate([TokensPrompt(prompt_token_ids=p)], one, use_tqdm=False)
                 times.append(time.perf_counter() - t)
-            out["phases"].append({"ttft": times})
+            # the phase's first prompt meets its shapes first (allocator growth, kernel choice) in every
+            # configuration alike: kept apart, not in the median
+            out["phases"].append({"warmup": times[0], "ttft": times[1:]} if phase.get("warmup") else {"ttft": times})
         else:
             params = SamplingParams(max_tokens=phase.get("gen", BATCH_GEN), temperature=0.0, ignore_eos=True)
             t = time.perf_counter()
@@ -100,6 +107,7 @@ def child(spec: dict) -> dict:
         if phase.get("mark"):
             print(f"GPU-E2E-MARK end {time.time()}", flush=True)
         out["phases"][-1]["external"] = _external(llm) - external0
+        out["phases"][-1]["role"] = phase.get("role", "")
     llm.llm_engine.engine_core.shutdown()
     from ucm.tiers.store import close_shared
 
@@ -222,7 +230,7 @@ def main() -> None:
     ap.add_argument("--disk", default="/tmp")
     ap.add_argument("--no-ttft", action="store_true")
     ap.add_argument("--no-batch", action="store_true")
-    ap.add_argument("--ablations", action="store_true", help="also the ucm batches that split the cold-store cost")
+    ap.add_argument("--ablations", action="store_true", help="also the TTFT and batch variants that split ucm's costs")
     ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
     ap.add_argument("--profile", default="idle", choices=sorted(PROFILE_FLAGS), help="py-spy's mode for plain and ucm")
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
@@ -254,12 +262,13 @@ def main() -> None:
     ttft, batch = {}, {}
     if not args.no_ttft:
         root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
-        gib = (args.prompts * sum(args.lengths) * KV_PER_TOKEN >> 30) + 2  # every prompt fits each tier
+        gib = ((args.prompts + 1) * sum(args.lengths) * KV_PER_TOKEN >> 30) + 2  # every prompt fits each tier
         cold_warm, warm = [], []
+        n_all = args.prompts + 1  # one more prompt per phase: the first warms up, untimed
         for k, n in enumerate(args.lengths):
-            cold_warm += [{"kind": "ttft", "n": args.prompts, "length": n, "seed": k},
-                          {"kind": "ttft", "n": args.prompts, "length": n, "seed": k, "sleep": 2}]
-            warm += [{"kind": "ttft", "n": args.prompts, "length": n, "seed": k, "drop_caches": True}]
+            cold_warm += [{"kind": "ttft", "n": n_all, "length": n, "seed": k, "warmup": True},
+                          {"kind": "ttft", "n": n_all, "length": n, "seed": k, "sleep": 2, "warmup": True}]
+            warm += [{"kind": "ttft", "n": n_all, "length": n, "seed": k, "drop_caches": True, "warmup": True}]
         ttft["plain"] = run({**base, "name": "ttft plain", "prefix_caching": True, "phases": cold_warm}, log)
         ttft["offload"] = run({**base, "name": "ttft offload", "prefix_caching": False,
                                "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
@@ -276,6 +285,14 @@ def main() -> None:
                                      log)
             shutil.rmtree(os.path.join(shm, "ttft-layers"), ignore_errors=True)
             shutil.rmtree(root2, ignore_errors=True)
+            # the defaults less the load planner (and so less its forward-pass timer): every hit loaded
+            root3 = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+            ttft["ucm no planner"] = run({**base, "name": "ttft ucm no planner", "prefix_caching": False,
+                                          "connector": "UCMConnector", "debug": args.ucm_debug, "phases": cold_warm,
+                                          "extra": {**ucm(root3, "ttft-np", gib), "transfer": {"load_planner": False}}},
+                                         log)
+            shutil.rmtree(os.path.join(shm, "ttft-np"), ignore_errors=True)
+            shutil.rmtree(root3, ignore_errors=True)
         # SSD hits in fresh processes (host tier gone, page cache dropped): every hit loaded, then the
         # load planner's choice from the bandwidth and step time measured so far (store/rates/)
         ttft["ssd"] = run({**base, "name": "ttft ucm ssd", "prefix_caching": False, "connector": "UCMConnector",
@@ -292,25 +309,30 @@ def main() -> None:
         gib = (2 * BATCH * BATCH_LEN * KV_PER_TOKEN >> 30) + 2
         bt = lambda seed, **kw: {"kind": "batch", "n": BATCH, "length": BATCH_LEN, "seed": seed, **kw}  # noqa: E731
         spy, mode = args.py_spy, args.profile
-        cold = [bt(1), bt(2, mark="timed")]  # a warm-up batch, then the timed one
-        prefill = bt(3, gen=1)  # new prompts, one token each: the prefill steps alone
+        # a warm-up batch, then TIMED batches of new prompts (the median is the process's figure; py-spy samples
+        # the first), then a prefill-only batch: new prompts, one token each (the prefill steps alone)
+        seeds = [2] + [10 + k for k in range(1, TIMED)]
+        cold = [bt(1)] + [bt(sd, role="timed", **({"mark": "timed"} if k == 0 else {})) for k, sd in enumerate(seeds)]
+        prefill = bt(3, gen=1, role="prefill")
         batch["plain"] = run({**base, "name": "batch plain", "prefix_caching": False, "profile": mode,
                               "phases": cold + [prefill]}, log, spy)
         batch["offload"] = run({**base, "name": "batch offload", "prefix_caching": False,
                                 "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
                                 "phases": cold + [prefill]}, log)
         ucm_batch = {**base, "prefix_caching": False, "connector": "UCMConnector"}
+        # warm: the first timed batch again. The tiers hold about two batches, and a host tier full of blocks not
+        # yet on the SSD (a disk slower than the engine's saves) refuses newer ones: the warm-up and first timed
+        # batches are the ones stored (the 2026-12-03 run took the last timed batch: 4 of its 64 prompts stored)
         batch["ucm"] = run({**ucm_batch, "name": "batch ucm", "extra": ucm(root, "batch", gib), "profile": mode,
-                            "phases": cold + [bt(2, sleep=2), prefill]}, log, spy)
+                            "phases": cold + [bt(seeds[0], sleep=2, role="warm"), prefill]}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
         # every prompt only on the SSD (fresh process, a new host tier, page cache dropped), the load planner
-        # on: two SSD hits first measure the disk (an unknown figure loads), then the timed batch again. The
-        # tiers hold about two of the three batches stored: the first batch's prompts (seed 1) are evicted
-        # by then (the 2026-12-02 run measured with them: no hit, no figure, every prompt loaded), so the
-        # disk is measured with the prefill-only batch's (seed 3, the newest)
-        measure = {"kind": "ttft", "n": 2, "length": BATCH_LEN, "seed": 3, "drop_caches": True}
+        # on: two SSD hits of the warm-up batch's prompts measure the disk (an unknown figure loads), that whole
+        # batch warms the process up (stored already: nothing saved, so nothing evicted from the SSD), then the
+        # first timed batch from the SSD is timed
+        measure = {"kind": "ttft", "n": 2, "length": BATCH_LEN, "seed": 1, "drop_caches": True}
         batch["ucm ssd"] = run({**ucm_batch, "name": "batch ucm ssd", "extra": ucm(root, "batch-ssd", gib),
-                                "phases": [measure, bt(2, drop_caches=True)]}, log)
+                                "phases": [measure, bt(1), bt(seeds[0], drop_caches=True, role="ssd")]}, log)
         shutil.rmtree(os.path.join(shm, "batch-ssd"), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
         for r in range(2, args.repeat + 1):  # alternating fresh processes: the machine's drift hits both
@@ -358,7 +380,8 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
     lines = [f"# End-to-end on vLLM's GPU build ({card})", "",
              f"Card: {card}; vLLM {vllm.__version__}; torch {torch.__version__}; {os.cpu_count()} CPU cores; date "
              f"{datetime.date.today()}. Llama-3-8B shapes, dummy weights, block 16, bf16, eager; TTFT one request "
-             f"at a time (median of {args.prompts} prompts); each configuration one fresh process.",
+             f"at a time (median of {args.prompts} prompts, after one untimed prompt of the same length that warms each "
+             "phase up); each configuration one fresh process.",
              f"Command: `python3 bench/gpu_e2e.py --lengths {' '.join(map(str, args.lengths))} --prompts {args.prompts}"
              f"{' --no-ttft' if args.no_ttft else ''}{' --no-batch' if args.no_batch else ''}"
              f"{' --ablations' if args.ablations else ''}{f' --repeat {args.repeat}' if args.repeat > 1 else ''}"
@@ -372,21 +395,22 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         lines += ["", "| prompt tokens | no cache ms | vLLM prefix-cache hit (floor) ms | OffloadingConnector CPU hit ms | "
                   "ucm host-tier hit ms | ucm SSD hit ms | copy limit ms | ucm host / copy limit | ucm host / Offloading | "
                   "ucm SSD / no cache | ucm cold / no cache | Offloading cold / no cache | ucm host hit, sync load "
-                  "layer by layer (`load_mode: sync`) ms | ucm SSD, load planner ms | planner / no cache | "
-                  "planner: tokens loaded per prompt (mean) |", "|---" * 16 + "|"]
+                  "layer by layer (`load_mode: sync`) ms | ucm host hit, load planner off ms | ucm SSD, load planner "
+                  "ms | planner / no cache | planner: tokens loaded per prompt (mean) |", "|---" * 17 + "|"]
         for k, n in enumerate(args.lengths):
             nocache, floor = med(ttft["plain"], 2 * k), med(ttft["plain"], 2 * k + 1)
             limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3)
             host, off, ssd = med(ttft["ucm"], 2 * k + 1), med(ttft["offload"], 2 * k + 1), med(ttft["ssd"], k)
             layers = med(ttft["ucm layers"], 2 * k + 1) if "ucm layers" in ttft else float("nan")
+            no_plan = med(ttft["ucm no planner"], 2 * k + 1) if "ucm no planner" in ttft else float("nan")
             planned = med(ttft["ssd planned"], k) if "ssd planned" in ttft else float("nan")
-            loaded = (ttft["ssd planned"]["phases"][k].get("external", 0) / args.prompts
+            loaded = (ttft["ssd planned"]["phases"][k].get("external", 0) / (args.prompts + 1)
                       if "phases" in ttft.get("ssd planned", {}) else float("nan"))
             limit = limit if limit == limit else n * KV_PER_TOKEN / (h2d * 1e9) * 1e3  # no floor measured
             cells = [f"{nocache:.0f}", f"{floor:.0f}", f"{off:.0f}", f"{host:.0f}", f"{ssd:.0f}", f"{limit:.0f}",
                      f"{ratio(host, limit):.2f}x", f"{ratio(host, off):.2f}", f"{ratio(ssd, nocache):.2f}",
                      f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}",
-                     f"{layers:.0f}", f"{planned:.0f}", f"{ratio(planned, nocache):.2f}", f"{loaded:.0f} of {n}"]
+                     f"{layers:.0f}", f"{no_plan:.0f}", f"{planned:.0f}", f"{ratio(planned, nocache):.2f}", f"{loaded:.0f} of {n}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in ttft.items()}
         lines.append(f"\nExternal tokens counted by vLLM per phase: {ext}")
@@ -397,10 +421,16 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         if crashed:
             lines.append(f"crashed: {crashed}")
     if batch:
-        tps = lambda r, k: r["phases"][k]["tokens_per_s"] if "phases" in r else float("nan")  # noqa: E731
+        def tps(r: dict, role: str) -> float:
+            """tokens/s of a process's batches of one role: the median of its timed batches."""
+            xs = [p["tokens_per_s"] for p in r.get("phases", []) if p.get("role") == role]
+            return statistics.median(xs) if xs else float("nan")
+
+        def ext(r: dict, role: str):
+            return next((p.get("external") for p in r.get("phases", []) if p.get("role") == role), None)
+
         div = lambda a, b: a / b if b == b and b else float("nan")  # noqa: E731
-        last = lambda r: len(r["phases"]) - 1 if "phases" in r else 0  # noqa: E731 - the prefill-only batch
-        plain, plain_prefill = tps(batch["plain"], 1), tps(batch["plain"], last(batch["plain"]))
+        plain, plain_prefill = tps(batch["plain"], "timed"), tps(batch["plain"], "prefill")
         names = {"plain": "no connector", "offload": "OffloadingConnector, cold", "ucm": "ucm, cold store",
                  "consumer": "ucm kv_consumer (lookups, no saves), cold",
                  "host only": "ucm host tier only (saves, no SSD writes), cold",
@@ -408,29 +438,36 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
                  "switch 0.5 ms": "ucm, cold, GIL switch interval 0.5 ms", "gil profile": "ucm, cold (py-spy --gil)",
                  "ucm ssd": "ucm, every prompt only on the SSD (fresh process, page cache dropped; load planner)"}
         lines += ["", f"Batch of {BATCH} x {BATCH_LEN}-token prompts, {BATCH_GEN} generated tokens each "
-                  "((prompt + generated) tokens/s; second batch of each process; ucm warm: the same prompts again); "
-                  "prefill only: a third batch of new prompts, one token each:",
+                  f"((prompt + generated) tokens/s). Each process: a warm-up batch, then {TIMED} timed batches of new "
+                  "prompts (the median is shown; every one in the raw JSON), then a prefill-only batch of new prompts "
+                  "(one token each); ucm warm: the first timed batch again:",
                   "", "| configuration | tokens/s | vs no connector | prefill only vs no connector | external tokens |",
                   "|---|---|---|---|---|"]
         for key, r in batch.items():
-            ext = r["phases"][1].get("external") if "phases" in r else None
-            if key == "ucm ssd" and "phases" in r:  # no hit while measuring: no figure, every prompt loads
-                ext = f"{ext} (measuring the disk: {r['phases'][0].get('external')})"
-            pre = div(tps(r, last(r)), plain_prefill) if key != "ucm ssd" else float("nan")  # no prefill batch
+            if key == "ucm ssd":
+                e = ext(r, "ssd")
+                if "phases" in r:  # no hit while measuring: no figure, every prompt loads
+                    e = f"{e} (measuring the disk: {r['phases'][0].get('external')} of {2 * BATCH_LEN})"
+                lines.append(f"| {names[key]} | {tps(r, 'ssd'):.0f} | {div(tps(r, 'ssd'), plain):.2f} | | {e} |")
+                continue
             base_key, _, rep = key.partition(" #")
             label = names.get(base_key, base_key) + (f" (process {rep} of each)" if rep else "")
-            lines.append(f"| {label} | {tps(r, 1):.0f} | {div(tps(r, 1), plain):.2f} | {pre:.2f} | {ext} |")
+            lines.append(f"| {label} | {tps(r, 'timed'):.0f} | {div(tps(r, 'timed'), plain):.2f} | "
+                         f"{div(tps(r, 'prefill'), plain_prefill):.2f} | {ext(r, 'timed')} |")
             if key == "ucm" and "phases" in r:
-                lines.append(f"| ucm, every prompt in the host tier | {tps(r, 2):.0f} | {div(tps(r, 2), plain):.2f} | "
-                             f"| {r['phases'][2].get('external')} |")
+                lines.append(f"| ucm, every prompt in the host tier | {tps(r, 'warm'):.0f} | "
+                             f"{div(tps(r, 'warm'), plain):.2f} | | {ext(r, 'warm')} |")
         pairs = [(batch[p], batch[u]) for p, u in [("plain", "ucm")] + [(f"plain #{r}", f"ucm #{r}") for r in range(2, 99)]
                  if p in batch and u in batch]
         if len(pairs) > 1:
-            each = [div(tps(u, 1), tps(p, 1)) for p, u in pairs]
-            pre = [div(tps(u, last(u)), tps(p, last(p))) for p, u in pairs]
+            each = [div(tps(u, "timed"), tps(p, "timed")) for p, u in pairs]
+            pre = [div(tps(u, "prefill"), tps(p, "prefill")) for p, u in pairs]
+            spread = [div(max(xs), min(xs)) for r in batch.values()
+                      if len(xs := [p["tokens_per_s"] for p in r.get("phases", []) if p.get("role") == "timed"]) > 1]
             lines.append(f"\nucm cold store / no connector, each of {len(pairs)} alternating pairs of fresh processes: "
                          f"{', '.join(f'{x:.3f}' for x in each)} (median {statistics.median(each):.3f}); prefill only: "
-                         f"{', '.join(f'{x:.3f}' for x in pre)} (median {statistics.median(pre):.3f})")
+                         f"{', '.join(f'{x:.3f}' for x in pre)} (median {statistics.median(pre):.3f}). Within a "
+                         f"process, fastest / slowest timed batch: up to {max(spread, default=float('nan')):.3f}")
         crashed = [f"{k}: {v['crash']}" for k, v in batch.items() if "crash" in v]
         if crashed:
             lines.append(f"\ncrashed: {crashed}")

@@ -31,7 +31,8 @@ def _configure() -> None:
     if not isinstance(level, int):
         level = logging.INFO
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_TagFormatter("%(asctime)s %(levelname)s [%(tag)s] %(message)s", "%H:%M:%S"))
+    # milliseconds: a request's lookup, load and first step are milliseconds apart
+    handler.setFormatter(_TagFormatter("%(asctime)s.%(msecs)03d %(levelname)s [%(tag)s] %(message)s", "%H:%M:%S"))
     _root.addHandler(handler)
     _root.setLevel(level)
     _root.propagate = False
