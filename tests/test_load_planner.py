@@ -131,6 +131,51 @@ def test_switched_off_it_loads_every_hit():
     assert d.load_blocks == 50 and d.reason == "load all"
 
 
+def test_one_request_at_a_time_measures_an_unknown_slow_tier():
+    """Async loads (no overlap), the SSD's bandwidth unknown: the first request loads every hit and
+    measures it (its plan's probe); a request arriving meanwhile loads only its host hits before the
+    first SSD block, and its own later lookups are not held back by it; once the probe's request is
+    done, the next one probes; once the figure is measured, the rules decide as usual. Host memory is
+    never probed, and a probe whose load measured nothing stops holding others after PROBE_S."""
+    clock = Clock()
+    r = rates(host=50 * GB, clock=clock)
+    p = LoadPlanner(r, PAGE, BS, "none", clock=clock)
+    hits = ["host"] * 100 + ["ssd"] * 100  # 1,600 tokens from host memory save more than the margin
+    first = p.decide(hits, 8000, "r1")
+    assert first.load_blocks == 200 and first.probe == ("ssd",) and first.reason == "not measured: ssd bandwidth"
+    p.probe_started(first.probe, "r1")
+    assert p.decide(hits, 8000, "r1").load_blocks == 200, "the probe's own request asks again"
+    second = p.decide(hits, 8000, "r2")
+    assert second.load_blocks == 100 and second.reason == "being measured: ssd" and not second.probe
+    assert second.loaded_by_tier() == {"host": 100} and second.skipped_by_tier() == {"ssd": 100}
+    assert second.sentence() == ("skipped 100 of 200 hit blocks: host 50 GB/s, ssd ? GB/s; ssd being measured by "
+                                 "another request")
+    assert p.decide(["ssd"] * 10, 8000, "r3").load_blocks == 0
+    p.request_done("r1")
+    third = p.decide(hits, 8000, "r3")
+    assert third.load_blocks == 200 and third.probe == ("ssd",)
+    p.probe_started(third.probe, "r3")
+    clock.t += 31  # r3's load measured nothing (say it failed): after PROBE_S it no longer holds the SSD
+    assert p.decide(hits, 8000, "r4").probe == ("ssd",)
+    r.record_load("ssd", 1 << 30, (1 << 30) / (1.1 * GB))
+    p.probe_started(("ssd",), "r4")
+    d = p.decide(["ssd"] * 100, 8000, "r5")
+    assert d.reason == "not worth loading" and not d.probe, "a measured figure: the rules decide"
+    host_unknown = LoadPlanner(rates(ssd=1.1 * GB, clock=clock), PAGE, BS, "none", clock=clock)
+    d = host_unknown.decide(["host"] * 50, 8000, "r6")
+    assert d.load_blocks == 50 and not d.probe, "host memory is loaded while unknown, never probed"
+
+
+@pytest.mark.parametrize("overlap", ["ssd", "all"])
+def test_layer_wise_loads_are_not_probed(overlap):
+    """With loads overlapping the forward pass they are not timed, so nothing but the request's end
+    would end a probe: every request loads while the figure is unknown, as before."""
+    p = planner(rates(host=50 * GB), overlap)
+    d = p.decide(["ssd"] * 100, 8000, "r1")
+    assert d.load_blocks == 100 and not d.probe
+    assert p.decide(["ssd"] * 100, 8000, "r2").load_blocks == 100
+
+
 def test_rates_follow_new_loads_and_ignore_small_ones():
     r = rates(ssd=2 * GB)
     r.record_load("ssd", 1 << 30, (1 << 30) / (1 * GB))

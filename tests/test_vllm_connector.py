@@ -380,6 +380,28 @@ def test_the_load_planner_recomputes_hits_slower_to_load_and_says_why(tmp_path):
     assert Rates(storage).bandwidth("ssd") > 1.2e6, "the whole SSD load was not measured"
 
 
+def test_one_request_measures_an_unknown_disk_while_the_others_recompute(tmp_path):
+    """Async loads (no overlap with the forward pass), the SSD's bandwidth unknown, the step time known:
+    of A and D arriving in one batch, A loads its 9 SSD blocks and measures the disk (the probe), D
+    recomputes its own (the log and the journal say why); D alone afterwards is decided by the measured
+    figure, no longer held back."""
+    root = str(tmp_path)
+    d = prompt_tokens(300, 4000)  # shares no block with A
+    run_vllm([[A], [d]], connector=ucm_connector(root))
+    storage = _storage_dir(root)
+    seeded = Rates(storage)
+    seeded.record_prefill(0.01, 1e-4)  # a step time as a previous process would have left it; no disk figure
+    seeded.write()
+    assert seeded.bandwidth("ssd") is None
+    c = warm_connector(root, "probe", False, planner=True, transfer={"load_mode": "async"})
+    r = run_vllm([[A, d], [d]], connector=c)
+    assert [m.get(EXT, 0) for m in r["phase_metrics"]][0] == A_BLOCKS * BLOCK, r["log"][-3000:]
+    assert r["log"].count("ssd being measured by another request") == 1, r["log"][-3000:]
+    plans = [x["plan"] for x in read_lookups(storage) if "plan" in x]
+    assert [p["reason"] for p in plans][:1] == ["being measured: ssd"], plans
+    assert Rates(storage).bandwidth("ssd") is not None, "the probe's load measured the disk"
+
+
 @pytest.mark.parametrize("mp", [False, True], ids=["sp", "mp"])
 def test_the_worker_times_its_forward_passes_for_the_planner(tmp_path, mp):
     """Six prompts of 300 tokens, one at a time (max_tokens 1): the worker times each forward pass and

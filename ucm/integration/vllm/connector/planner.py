@@ -12,7 +12,15 @@ max(L, C) where it overlaps it layer by layer (`overlap`: "none"; "ssd": SSD hit
 hits before, as on vLLM's CPU build; "all": every hit layer by layer, as a GPU's synchronous loads).
 The planner takes the k with the lowest prediction, and loads nothing unless that saves at least
 MARGIN of the recompute time (figures drift; a tie is not worth a load). While a figure it needs is
-unknown (nothing measured yet, or too old) it loads every hit, which measures it.
+unknown (nothing measured yet, or too old) it loads every hit, which measures it, with one exception:
+where loads do not overlap the forward pass (async loads, vLLM's GPU default) and the unknown figure is
+a tier slower than memory (SSD, remote), one request at a time measures it (the probe) and requests
+arriving meanwhile load only the hits before that tier's first block. Otherwise a burst of requests
+decided before any load was measured all loads from a disk slower than recompute (on the H200: 64
+requests at once, 0.34x the throughput of recomputing them). The probe ends when its request finishes,
+when the figure is measured, or after PROBE_S. Host memory is never probed: a host load costs a memory
+copy, which beats recompute on any engine; with layer-wise loads (overlap "ssd", "all") the loads are
+not timed, so nothing would end a probe but its request, and every hit loads as before.
 
 The step time comes from the worker's own forward passes (`ForwardTimer`: CUDA events on the compute
 stream on a GPU, the clock on a CPU; `PrefillFit` fits it against the tokens each pass computed). An
@@ -30,6 +38,7 @@ from ucm.tiers.rates import Rates
 
 MARGIN = 0.1  # a load must be predicted to save this share of the recompute time
 OVERLAPS = ("none", "ssd", "all")
+PROBE_S = 30.0  # a probe older than this no longer holds other requests back (its load did not measure)
 
 
 @dataclass(frozen=True)
@@ -42,8 +51,9 @@ class LoadDecision:
     ttft_s: float | None  # predicted time to the first token with this plan
     recompute_s: float | None  # predicted time with nothing loaded
     load_all_s: float | None  # predicted time loading every hit
-    reason: str  # "load all", "partial", "not worth loading", "not measured: ..."
+    reason: str  # "load all", "partial", "not worth loading", "not measured: ...", "being measured: ..."
     tiers: tuple[tuple[str, int, float | None], ...] = ()  # (tier, hit blocks, GB/s) in hit order
+    probe: tuple[str, ...] = ()  # tiers whose bandwidth this plan's load measures for the others (the probe)
 
     @property
     def skipped_blocks(self) -> int:
@@ -74,6 +84,9 @@ class LoadDecision:
         rates = ", ".join(f"{t} {'?' if g is None else f'{g:.3g}'} GB/s" for t, _, g in self.tiers)
         if self.reason.startswith("not measured"):
             return f"loaded all {self.hit_blocks} hit blocks ({self.reason})"
+        if self.reason.startswith("being measured"):
+            return (f"skipped {self.skipped_blocks} of {self.hit_blocks} hit blocks: {rates}; "
+                    f"{self.reason[len('being measured: '):]} being measured by another request")
         ms = lambda s: f"{1e3 * s:.0f} ms"  # noqa: E731
         if self.load_blocks == self.hit_blocks:
             return f"loaded all {self.hit_blocks} hit blocks: {rates}, predicted {ms(self.ttft_s)} against " \
@@ -84,11 +97,31 @@ class LoadDecision:
 
 class LoadPlanner:
     def __init__(self, rates: Rates, page_bytes: int, block_size: int, overlap: str = "none",
-                 enabled: bool = True):
+                 enabled: bool = True, clock=time.monotonic):
         if overlap not in OVERLAPS:
             raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
         self.rates, self.page_bytes, self.block_size = rates, page_bytes, block_size
-        self.overlap, self.enabled = overlap, enabled
+        self.overlap, self.enabled, self.clock = overlap, enabled, clock
+        self._probes: dict[str, tuple[str, float]] = {}  # tier -> (request measuring it, since when)
+
+    # ---- probes: one request at a time measures an unknown slow tier --------------------------------
+    def probe_started(self, tiers: tuple[str, ...], request_id: str) -> None:
+        """vLLM accepted a plan whose load measures `tiers` (its `probe`)."""
+        for t in tiers:
+            self._probes[t] = (request_id, self.clock())
+
+    def request_done(self, request_id: str) -> None:
+        """The request finished: whatever it was measuring, it no longer holds others back."""
+        for t in [t for t, (r, _) in self._probes.items() if r == request_id]:
+            del self._probes[t]
+
+    def _probing(self, tier: str, request_id: str | None) -> bool:
+        """Another request than `request_id` is measuring `tier`."""
+        p = self._probes.get(tier)
+        if p is not None and self.clock() - p[1] > PROBE_S:
+            del self._probes[tier]
+            return False
+        return p is not None and p[0] != request_id
 
     def _ttft(self, host_s: float, other_s: float, compute_s: float) -> float:
         """Predicted time to the first token: host loads `host_s`, SSD and remote loads `other_s`."""
@@ -98,9 +131,10 @@ class LoadPlanner:
             return host_s + max(other_s, compute_s)
         return host_s + other_s + compute_s
 
-    def decide(self, tiers: list[str], compute_tokens: int) -> LoadDecision:
+    def decide(self, tiers: list[str], compute_tokens: int, request_id: str | None = None) -> LoadDecision:
         """`tiers`: the tier of each leading hit block, in order; `compute_tokens`: the tokens vLLM
-        computes when nothing is loaded (the prompt less what vLLM's own prefix cache has)."""
+        computes when nothing is loaded (the prompt less what vLLM's own prefix cache has); `request_id`:
+        whose plan (a probe never holds back its own request). Side-effect free: vLLM may ask again."""
         h = len(tiers)
         runs: list[tuple[str, int]] = []
         for t in tiers:
@@ -108,16 +142,25 @@ class LoadPlanner:
                 runs[-1] = (t, runs[-1][1] + 1)
             else:
                 runs.append((t, 1))
+        if self.enabled and h:
+            self.rates.refresh()  # what other processes measured, before the figures are read
         bw = {t: self.rates.bandwidth(t) for t in {t for t, _ in runs}}
         shown = tuple((t, n, None if bw[t] is None else bw[t] / 1e9) for t, n in runs)
         if not self.enabled or not h:
             return LoadDecision(h, h, None, None, None, None, "load all", shown)
-        self.rates.refresh()
+        probed = sorted(t for t, b in bw.items() if b is None and t != "host") if self.overlap == "none" else []
+        busy = [t for t in probed if self._probing(t, request_id)]
+        if busy:  # another request is measuring these tiers: only the hits before their first block may load
+            cut = next(i for i, t in enumerate(tiers) if t in busy)
+            before = self.decide(tiers[:cut], compute_tokens, request_id)
+            return LoadDecision(before.load_blocks, h, before.load_s, None, before.recompute_s, None,
+                                "being measured: " + ", ".join(busy), shown, before.probe)
         unknown = [f"{t} bandwidth" for t, b in bw.items() if b is None]
         if self.rates.prefill_seconds(1) is None:
             unknown.append("prefill rate")
         if unknown:
-            return LoadDecision(h, h, None, None, None, None, "not measured: " + ", ".join(sorted(unknown)), shown)
+            return LoadDecision(h, h, None, None, None, None, "not measured: " + ", ".join(sorted(unknown)), shown,
+                                tuple(probed))
         bs, page = self.block_size, self.page_bytes
         compute = lambda k: self.rates.prefill_seconds(max(1, compute_tokens - k * bs))  # noqa: E731
         recompute = compute(0)

@@ -17,6 +17,8 @@
 * The load planner (planner.py, `transfer.load_planner`) loads only the leading hits that make the first
   token come sooner than recomputing them, from the tier bandwidths and the forward-pass time the
   worker measures (`step_tokens` in each step's metadata); what it skipped is journaled and counted per tier.
+  A request whose load measures an unknown slow tier (its plan's `probe`) holds that tier for itself
+  from `update_state_after_alloc` to `request_finished`.
 * A blend planner (BlendConnector) may replace a prefix load by a blend and limits the exact-prefix saves.
 """
 
@@ -102,7 +104,7 @@ class SchedulerSide:
             # local tiers only: a hit that is in neither is the remote tier's (lookup_prefix asked it)
             where = self.store.where(self.identity.for_rank(ids[first:-(-hit_tokens // bs)], 0), remote=False)
             tiers = ["remote" if w == "none" else w for w in where]
-            plan = self._planning().decide(tiers, n_tokens - num_computed_tokens)
+            plan = self._planning().decide(tiers, n_tokens - num_computed_tokens, request.request_id)
             hit_tokens = min(hit_tokens, (first + plan.load_blocks) * bs)
         external = max(0, hit_tokens - num_computed_tokens)
         st.lookup = Lookup(len(ids), hits, num_computed_tokens // bs,
@@ -130,6 +132,8 @@ class SchedulerSide:
         a, b = lk.load_range
         st.load = (st.ids[a:b], st.block_ids[a:b])
         st.load_whole_blocks = lk.whole_blocks
+        if lk.plan.probe:  # this load measures a slow tier: requests arriving meanwhile do not load from it
+            self._planning().probe_started(lk.plan.probe, request.request_id)
         loaded = lk.plan.loaded_by_tier()  # the tiers the lookup found, for the blocks it loads
         bs = self.block_size
         host = min(loaded.get("host", 0) * bs, num_external_tokens)
@@ -241,6 +245,8 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> bool:
         """True if the request's blocks must wait for saves in flight (the worker reports them done)."""
         st = self.reqs.pop(request.request_id, None)
+        if self._planner is not None:
+            self._planner.request_done(request.request_id)
         if self.blend is not None:
             self.blend.finished(request.request_id)
         return st is not None and st.dumps_scheduled
