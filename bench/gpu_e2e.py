@@ -421,9 +421,13 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         if crashed:
             lines.append(f"crashed: {crashed}")
     if batch:
+        def each_tps(r: dict, role: str) -> list[float]:
+            """tokens/s of each of a process's batches of one role."""
+            return [p["tokens_per_s"] for p in r.get("phases", []) if p.get("role") == role]
+
         def tps(r: dict, role: str) -> float:
-            """tokens/s of a process's batches of one role: the median of its timed batches."""
-            xs = [p["tokens_per_s"] for p in r.get("phases", []) if p.get("role") == role]
+            """The process's figure for a role: the median of its batches."""
+            xs = each_tps(r, role)
             return statistics.median(xs) if xs else float("nan")
 
         def ext(r: dict, role: str):
@@ -462,8 +466,7 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         if len(pairs) > 1:
             each = [div(tps(u, "timed"), tps(p, "timed")) for p, u in pairs]
             pre = [div(tps(u, "prefill"), tps(p, "prefill")) for p, u in pairs]
-            spread = [div(max(xs), min(xs)) for r in batch.values()
-                      if len(xs := [p["tokens_per_s"] for p in r.get("phases", []) if p.get("role") == "timed"]) > 1]
+            spread = [div(max(xs), min(xs)) for r in batch.values() if len(xs := each_tps(r, "timed")) > 1]
             lines.append(f"\nucm cold store / no connector, each of {len(pairs)} alternating pairs of fresh processes: "
                          f"{', '.join(f'{x:.3f}' for x in each)} (median {statistics.median(each):.3f}); prefill only: "
                          f"{', '.join(f'{x:.3f}' for x in pre)} (median {statistics.median(pre):.3f}). Within a "

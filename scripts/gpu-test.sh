@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests on a machine with a CUDA GPU and vLLM's GPU build on the path (tests/gpu/README.md).
 #
-#   scripts/gpu-test.sh            every GPU test, in GROUPS run side by side (one pytest each; 3.5 min on an H200)
+#   scripts/gpu-test.sh            every GPU test, in five groups run side by side (one pytest each; 3.5 min on an H200)
 #   scripts/gpu-test.sh ARGS...    one pytest over tests/gpu with ARGS (e.g. -k "chunked")
 #
 # Logs: $OUT/gpu-test.log (or /tmp), one section per group. Exit status: 0 only if every group passed.
@@ -16,31 +16,28 @@ if [ "$#" -gt 0 ]; then
 fi
 # Groups of about equal length (each starts 4-7 vLLM processes of a small model: the GPU has room for all);
 # each has its own pytest base directory, and the model file is written once before they start.
-GROUPS_=(
-  "tests/gpu -m gpu -k warm_fresh or wrong_load or direct_transfer"
-  "tests/gpu -m gpu -k corrupted"
-  "tests/gpu -m gpu -k chunked"
-  "tests/gpu -m gpu -k working_set or preemption"
-  "tests/test_kernels.py tests/test_transfer_store.py tests/test_rope.py"
-)
 python3 -c "import sys; sys.path.insert(0, 'tests/gpu'); import gpu_harness; print('model', gpu_harness.model_dir())" || exit 2
 mkdir -p /tmp/ucm-gpu-tests && rm -rf /tmp/ucm-gpu-tests/g*
-pids=()
-for i in "${!GROUPS_[@]}"; do
-  read -r -a words <<<"${GROUPS_[$i]%% -k *}"
-  k=""
-  [[ "${GROUPS_[$i]}" == *" -k "* ]] && k="${GROUPS_[$i]#* -k }"
-  ( python3 -m pytest -q -rpxXfEs -p no:cacheprovider --basetemp="/tmp/ucm-gpu-tests/g$i" "${words[@]}" ${k:+-k "$k"} \
+n=0
+group() {  # one pytest in the background: its log and exit status under /tmp, named by its number
+  local i=$n
+  echo "$*" >"/tmp/ucm-gpu-test-g$i.args"
+  ( python3 -m pytest -q -rpxXfEs -p no:cacheprovider --basetemp="/tmp/ucm-gpu-tests/g$i" "$@" \
       >"/tmp/ucm-gpu-test-g$i.log" 2>&1; echo $? >"/tmp/ucm-gpu-test-g$i.rc" ) &
-  pids+=($!)
-done
-wait "${pids[@]}"
+  n=$((n + 1))
+}
+group -m gpu tests/gpu -k "warm_fresh or wrong_load or direct_transfer"
+group -m gpu tests/gpu -k corrupted
+group -m gpu tests/gpu -k chunked
+group -m gpu tests/gpu -k "working_set or preemption"
+group tests/test_kernels.py tests/test_transfer_store.py tests/test_rope.py
+wait
 rc=0
 : >"$out/gpu-test.log"
-for i in "${!GROUPS_[@]}"; do
+for ((i = 0; i < n; i++)); do
   r=$(cat "/tmp/ucm-gpu-test-g$i.rc")
   [ "$r" = 0 ] || rc=1
-  { echo "=== group $i (exit $r): ${GROUPS_[$i]}"; cat "/tmp/ucm-gpu-test-g$i.log"; } >>"$out/gpu-test.log"
+  { echo "=== group $i (exit $r): $(cat "/tmp/ucm-gpu-test-g$i.args")"; cat "/tmp/ucm-gpu-test-g$i.log"; } >>"$out/gpu-test.log"
   echo "group $i (exit $r): $(tail -n 1 "/tmp/ucm-gpu-test-g$i.log")"
 done
 exit "$rc"

@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: vllm_harness
 
@@ -28,8 +30,6 @@ def model_dir(root: str = "/tmp/ucm-gpu-model") -> str:
     far from flat, so a wrong KV block changes the outputs (dummy weights, uniform in ±1e-3, barely do)."""
     if os.path.exists(os.path.join(root, "model.safetensors")):
         return root
-    import tempfile
-
     import torch
     from safetensors.torch import save_file
 
@@ -58,8 +58,6 @@ def model_dir(root: str = "/tmp/ucm-gpu-model") -> str:
     try:
         os.rename(tmp, root)
     except OSError:  # another process made it first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
         if not os.path.exists(os.path.join(root, "model.safetensors")):
             raise

@@ -116,12 +116,9 @@ class LoadPlanner:
             del self._probes[t]
 
     def _probing(self, tier: str, request_id: str | None) -> bool:
-        """Another request than `request_id` is measuring `tier`."""
+        """Another request than `request_id` has been measuring `tier` for at most PROBE_S."""
         p = self._probes.get(tier)
-        if p is not None and self.clock() - p[1] > PROBE_S:
-            del self._probes[tier]
-            return False
-        return p is not None and p[0] != request_id
+        return p is not None and p[0] != request_id and self.clock() - p[1] <= PROBE_S
 
     def _ttft(self, host_s: float, other_s: float, compute_s: float) -> float:
         """Predicted time to the first token: host loads `host_s`, SSD and remote loads `other_s`."""

@@ -62,6 +62,14 @@ class LoadResult:
     seconds: float = 0.0
 
 
+@dataclass
+class AsyncLoad:
+    """A request's async load on the load thread (its LoadResult), and how many steps found it running."""
+
+    future: Future
+    polls: int = 0
+
+
 class CudaMarks:
     """ForwardTimer's moments on a GPU: events recorded on the current (compute) stream."""
 
@@ -102,8 +110,7 @@ class WorkerSide:
         self._layered: tuple[RangedLoad | HostLayers, list[int], float, tuple[int, int, int] | None] | None = None
         self._layers_waited: set[int] = set()
         self._layer_pool = ThreadPoolExecutor(2 * config.io_threads, thread_name_prefix="ucm-layers")
-        self._async: dict[str, Future] = {}  # request -> its async load (a LoadResult), until reported
-        self._async_polls: dict[str, int] = {}  # request -> get_finished calls that found its async load running
+        self._async: dict[str, AsyncLoad] = {}  # request -> its async load, until reported
         self._async_pool = ThreadPoolExecutor(1, thread_name_prefix="ucm-load")
         self._load_stream = None  # a GPU's stream for async loads (register_kv_caches)
         self._idle_step = False  # this step computes no token (no forward pass: vLLM only polls the connector)
@@ -195,8 +202,8 @@ class WorkerSide:
             n = len(rm.load_block_ids[0])
             if n and rm.load_async:
                 store_ids = self.identity.for_rank(rm.load_block_ids[0], self.rank)
-                self._async[rm.req_id] = self._async_pool.submit(self._load_async, store_ids,
-                                                                 list(rm.load_block_ids[1]))
+                job = self._async_pool.submit(self._load_async, store_ids, list(rm.load_block_ids[1]))
+                self._async[rm.req_id] = AsyncLoad(job)
                 continue
             if n:
                 self._step_loads[rm.req_id] = set(rm.load_block_ids[1])
@@ -300,16 +307,20 @@ class WorkerSide:
         metadata (`step_tokens`), not from which connector calls vLLM makes: 0.32 calls `wait_for_save`
         in idle steps too, 0.26 does not."""
         if self._async and self._idle_step:
-            wait(list(self._async.values()), timeout=self.IDLE_WAIT_S, return_when=FIRST_COMPLETED)
-        done = {r for r, fut in self._async.items() if fut.done()}
-        for req_id in self._async.keys() - done:
-            self._async_polls[req_id] = self._async_polls.get(req_id, 0) + 1
+            wait([a.future for a in self._async.values()], timeout=self.IDLE_WAIT_S, return_when=FIRST_COMPLETED)
+        done = set()
+        for req_id, a in self._async.items():
+            if a.future.done():
+                done.add(req_id)
+            else:
+                a.polls += 1
         for req_id in done:
-            r = self._async.pop(req_id).result()
+            a = self._async.pop(req_id)
+            r = a.future.result()
             self._count_load(r, in_step=False)
             ok = r.blocks - len(r.errors)
             log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms (%d steps polled it running)",
-                           req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, self._async_polls.pop(req_id, 0))
+                           req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, a.polls)
         return done
 
     def _count_load(self, r: LoadResult, in_step: bool = True, whole: bool = True) -> None:
