@@ -67,6 +67,9 @@ def child(spec: dict) -> dict:
     from vllm.config import KVTransferConfig
     from vllm.inputs import TokensPrompt
 
+    from ucm.logger import get_logger
+
+    bench_log = get_logger("Bench")
     kw = dict(model=spec["model"], load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
               dtype="bfloat16", block_size=16, kv_cache_memory_bytes=spec["kv_bytes"],
               max_model_len=spec["max_len"], enable_prefix_caching=spec["prefix_caching"], seed=0,
@@ -94,6 +97,8 @@ def child(spec: dict) -> dict:
                 t = time.perf_counter()
                 llm.generate([TokensPrompt(prompt_token_ids=p)], one, use_tqdm=False)
                 times.append(time.perf_counter() - t)
+                if spec.get("debug"):  # the prompt's span on the debug log's clock
+                    bench_log.debug("prompt of %d tokens: generate returned, %.1f ms", len(p), 1e3 * times[-1])
             # the phase's first prompt meets its shapes first (allocator growth, kernel choice) in every
             # configuration alike: kept apart, not in the median
             out["phases"].append({"warmup": times[0], "ttft": times[1:]} if phase.get("warmup") else {"ttft": times})
@@ -135,6 +140,7 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
     if spec.get("debug"):
         env["UNIFIED_CACHE_LOG_LEVEL"] = "DEBUG"  # ucm's lookup and load times per request
+        env["UNIFIED_CACHE_STEP_TRACE"] = "1"  # and every step's connector calls (connector/steptrace.py)
     t0 = time.perf_counter()
     cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)]
     errf = tempfile.TemporaryFile("w+")

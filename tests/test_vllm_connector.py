@@ -215,8 +215,13 @@ def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split
     warm_root = str(tmp_path / "warm")  # a copy: C's blocks saved here stay out of stored_a_alone
     shutil.copytree(os.path.join(root, "ssd"), os.path.join(warm_root, "ssd"))
     warm = run_vllm([[A], [C]], connector=warm_connector(warm_root, "async", False, transfer={"load_mode": "async"}),
-                    env={"UNIFIED_CACHE_LOG_LEVEL": "DEBUG"})
+                    env={"UNIFIED_CACHE_LOG_LEVEL": "DEBUG", "UNIFIED_CACHE_STEP_TRACE": "1"})
     assert "loads asynchronous (transfer.load_mode: async)" in warm["log"]
+    # the step trace: each load is reported by a step that computes nothing, and the next step runs it
+    trace = re.findall(r"\[UCM\.Step\] step (\d+) (begins: (\d+) tokens|ends at .*reported done: \[(.*)\])", warm["log"])
+    begins = {int(s): int(t) for s, _, t, _ in trace if t}
+    reported = [int(s) for s, _, t, r in trace if not t]
+    assert len(reported) == 2 and all(begins[s] == 0 and begins.get(s + 1, 0) > 0 for s in reported), trace
     # while a request waits for its load, vLLM runs steps that compute nothing; each waits for the load
     # (up to 20 ms, the GIL free) instead of spinning: a load polls a handful of steps, not thousands (before
     # the idle step came from the metadata, vLLM 0.32's idle steps spun ~9,400 times a load on this machine)
@@ -358,7 +363,7 @@ def test_the_load_planner_recomputes_hits_slower_to_load_and_says_why(tmp_path):
     storage = _storage_dir(root)
     seeded = Rates(storage)
     seeded.record_load("ssd", 1 << 30, (1 << 30) / 1e6)
-    seeded.record_prefill(0.01, 1e-4)
+    seeded.record_prefill([(1, 0.0101), (8192, 0.01 + 1e-4 * 8192)])
     seeded.write()
     warm = run_vllm([[A]], connector=warm_connector(root, "planned", False, planner=True,
                                                      transfer={"layerwise_load": False}))
@@ -390,7 +395,7 @@ def test_one_request_measures_an_unknown_disk_while_the_others_recompute(tmp_pat
     run_vllm([[A], [d]], connector=ucm_connector(root))
     storage = _storage_dir(root)
     seeded = Rates(storage)
-    seeded.record_prefill(0.01, 1e-4)  # a step time as a previous process would have left it; no disk figure
+    seeded.record_prefill([(1, 0.0101), (8192, 0.01 + 1e-4 * 8192)])  # a step time as a previous process would have left it; no disk figure
     seeded.write()
     assert seeded.bandwidth("ssd") is None
     c = warm_connector(root, "probe", False, planner=True, transfer={"load_mode": "async"})

@@ -1,7 +1,7 @@
 """Tagged loggers: `get_logger("Store")` writes lines tagged `[UCM.Store]`.
 
 The level comes from `UNIFIED_CACHE_LOG_LEVEL` (DEBUG, INFO, WARNING, ERROR; default INFO).
-Tags in use: Connector, Patch, Hasher, Load, Save, Store, Tier, Config, Kernel, Blend.
+Tags in use: Connector, Patch, Hasher, Load, Save, Store, Tier, Config, Kernel, Blend, Step, Bench.
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Measured rates that the load planner works from, shared through the store's directory.
 
 <storage>/rates/tiers.json    per tier: load bandwidth (bytes/s) from the worker's whole loads
-<storage>/rates/prefill.json  the engine's forward-pass time as `fixed + per_token * tokens` (seconds),
-                              fitted from the worker's timed passes (ForwardTimer in connector/planner.py)
+<storage>/rates/prefill.json  the engine's forward-pass seconds by tokens computed (StepCurve: measured
+                              points), from the worker's timed passes (ForwardTimer in connector/planner.py)
 
-Each bandwidth is an exponentially weighted mean over recent loads (the step-time fit is one already), so it follows a disk that gets
-slower or a page cache that gets warm; a fresh process starts from what the last one measured. A figure
+Each bandwidth is an exponentially weighted mean over recent loads (the step-time curve is made of recent medians
+already), so it follows a disk that gets slower or a page cache that gets warm; a fresh process starts from what the last one measured. A figure
 older than `max_age_s` counts as unknown (the planner then loads, which measures it again). Writing is
 best-effort: a file that cannot be written or read never fails a request, it only leaves the planner
 without a figure.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 
 from ucm.config import make_private_dirs
@@ -38,6 +39,34 @@ class Rate:
         self.time, self.samples = now, self.samples + 1
 
 
+@dataclass(frozen=True)
+class StepCurve:
+    """Forward-pass seconds by tokens computed, from measured points (tokens ascending): linear between
+    points, beyond either end the nearest segment's line (one point: the line through the origin); never
+    below 0, and for fewer tokens than the first point never above its seconds."""
+
+    points: tuple[tuple[float, float], ...]
+    time: float  # unix seconds of the measurement
+
+    def seconds(self, tokens: float) -> float:
+        p = self.points
+        if len(p) == 1:
+            return p[0][1] * tokens / p[0][0]
+        i = min(max(bisect_left([t for t, _ in p], tokens), 1), len(p) - 1)
+        (t0, s0), (t1, s1) = p[i - 1], p[i]
+        y = s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
+        return min(max(y, 0.0), p[0][1]) if tokens < p[0][0] else max(y, 0.0)
+
+    @classmethod
+    def of(cls, points, time: float) -> "StepCurve | None":
+        """A curve from (tokens, seconds) pairs, or None if they make none (empty, not positive, or tokens
+        repeated)."""
+        pts = tuple(sorted((float(t), float(s)) for t, s in points))
+        if not pts or any(t <= 0 or s <= 0 for t, s in pts) or len({t for t, _ in pts}) < len(pts):
+            return None
+        return cls(pts, time)
+
+
 class Rates:
     """One process's view of the shared rates; `clock` is injectable for tests (unix seconds)."""
 
@@ -45,7 +74,7 @@ class Rates:
         self.dir = os.path.join(storage_path, "rates") if storage_path else None
         self.max_age_s, self.clock = max_age_s, clock
         self.tiers: dict[str, Rate] = {}  # tier -> bytes/s
-        self.prefill: dict[str, Rate] = {}  # "fixed" (s per step), "per_token" (s per token)
+        self.prefill: StepCurve | None = None  # forward-pass seconds by tokens
         self._dirty: set[str] = set()
         self._written = {"tiers": 0.0, "prefill": 0.0}
         self._read: dict[str, float] = {}  # file -> mtime read
@@ -60,13 +89,12 @@ class Rates:
         self._dirty.add("tiers")
         self._maybe_write("tiers")
 
-    def record_prefill(self, fixed_s: float, per_token_s: float) -> None:
-        """A new fit of the step time (the fit is a running estimate already: it replaces the last)."""
-        if per_token_s <= 0 or fixed_s < 0:
+    def record_prefill(self, points) -> None:
+        """A new step-time curve, (tokens, seconds) points (a running estimate already: it replaces the last)."""
+        curve = StepCurve.of(points, self.clock())
+        if curve is None:
             return
-        now = self.clock()
-        self.prefill["fixed"] = Rate(fixed_s, now)
-        self.prefill["per_token"] = Rate(per_token_s, now)
+        self.prefill = curve
         self._dirty.add("prefill")
         self._maybe_write("prefill")
 
@@ -89,10 +117,10 @@ class Rates:
 
     def prefill_seconds(self, tokens: int) -> float | None:
         """Seconds the engine takes to compute `tokens` prompt tokens, or None when not measured."""
-        f, p = self.prefill.get("fixed"), self.prefill.get("per_token")
-        if not (self._fresh(f) and self._fresh(p)):
+        c = self.prefill
+        if c is None or self.clock() - c.time > self.max_age_s:
             return None
-        return f.value + p.value * tokens if tokens > 0 else 0.0
+        return c.seconds(tokens) if tokens > 0 else 0.0
 
     # ---- sharing ------------------------------------------------------------------------------------
     def _path(self, name: str) -> str | None:
@@ -101,7 +129,7 @@ class Rates:
     def refresh(self, force: bool = False) -> None:
         """Take in what other processes wrote (files whose mtime changed); keeps this process's newer
         figures."""
-        for name, table in (("tiers", self.tiers), ("prefill", self.prefill)):
+        for name in ("tiers", "prefill"):
             path = self._path(name)
             if path is None:
                 continue
@@ -114,14 +142,22 @@ class Rates:
                 self._read[name] = mtime
             except (OSError, ValueError):
                 continue
+            if name == "prefill":
+                try:
+                    theirs = StepCurve.of(data["points"], float(data["time"]))
+                except (KeyError, TypeError, ValueError):
+                    continue  # unreadable, or an older version's figures: unknown
+                if theirs is not None and (self.prefill is None or theirs.time > self.prefill.time):
+                    self.prefill = theirs
+                continue
             for key, d in data.items():
                 try:
                     theirs = Rate(float(d["value"]), float(d["time"]), int(d.get("samples", 1)))
                 except (KeyError, TypeError, ValueError):
                     continue
-                mine = table.get(key)
+                mine = self.tiers.get(key)
                 if mine is None or theirs.time > mine.time:
-                    table[key] = theirs
+                    self.tiers[key] = theirs
 
     def _maybe_write(self, name: str, force: bool = False) -> None:
         now = self.clock()
@@ -135,13 +171,16 @@ class Rates:
             path = self._path(n)
             if path is None or n not in self._dirty:
                 continue
-            table = self.tiers if n == "tiers" else self.prefill
+            if n == "tiers":
+                data = {k: {"value": r.value, "time": r.time, "samples": r.samples} for k, r in self.tiers.items()}
+            else:
+                data = {"points": [list(p) for p in self.prefill.points], "time": self.prefill.time}
             tmp = f"{path}.{os.getpid()}.tmp"
             try:
                 make_private_dirs(self.dir)
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
                 with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({k: {"value": r.value, "time": r.time, "samples": r.samples} for k, r in table.items()}, f)
+                    json.dump(data, f)
                 os.replace(tmp, path)
                 self._written[n] = self.clock()
                 self._dirty.discard(n)
@@ -159,7 +198,7 @@ class Rates:
         k = self.prefill_seconds(1000)
         if k is not None:
             out["prefill_ms_per_1k_tokens"] = round(1e3 * k, 2)
-            out["prefill_age_s"] = round(now - self.prefill["per_token"].time, 1)
+            out["prefill_age_s"] = round(now - self.prefill.time, 1)
         return out
 
 

@@ -5,7 +5,7 @@ For a request whose hits are blocks b_0..b_{h-1} (each in a tier: host, ssd, rem
 vLLM already has, loading the first k blocks costs
 
     L(k) = sum over i < k of page_bytes / bandwidth(tier of b_i)          (measured, ucm/tiers/rates.py)
-    C(k) = fixed + per_token * (tokens to compute - k * block_size)        (the engine's step time, fitted)
+    C(k) = step time of (tokens to compute - k * block_size)               (measured, StepTimes below)
 
 and the predicted time to the first token is L + C where the load comes before the forward pass, and
 max(L, C) where it overlaps it layer by layer (`overlap`: "none"; "ssd": SSD hits layer by layer, host
@@ -23,16 +23,19 @@ copy, which beats recompute on any engine; with layer-wise loads (overlap "ssd",
 not timed, so nothing would end a probe but its request, and every hit loads as before.
 
 The step time comes from the worker's own forward passes (`ForwardTimer`: CUDA events on the compute
-stream on a GPU, the clock on a CPU; `PrefillFit` fits it against the tokens each pass computed). An
-earlier design timed the scheduler's steps instead; under vLLM's async scheduling those intervals hold
-other steps, output processing and load handshakes, and on the H200 its fit priced a pass of one token
-at 57 ms and 2,000 more tokens at about 1 ms, so the planner skipped a host-tier hit worth ~15 ms.
+stream on a GPU, the clock on a CPU; `StepTimes` keeps medians of them by the tokens each pass computed).
+Two earlier designs skipped host-tier hits worth ~20 ms on the H200: timing the scheduler's steps (under
+vLLM's async scheduling those intervals hold other steps, output processing and load handshakes: a
+pass of one token priced at 57 ms), then a line fitted to the worker's passes (the first 1-token pass
+over a 2,000-token prompt took 100 ms, and the line priced every pass at 43 ms or more).
 """
 
 from __future__ import annotations
 
 import time
+from collections import deque
 from dataclasses import dataclass
+from statistics import median
 
 from ucm.tiers.rates import Rates
 
@@ -180,26 +183,29 @@ class LoadPlanner:
         return LoadDecision(k, h, load_s, ttft, recompute, load_all, reason, shown)
 
 
-class PrefillFit:
-    """Fits forward-pass seconds = fixed + per_token * tokens over recent passes (older ones decay) and
-    hands each new fit to `rates`. A process's first passes are not fitted (they compile and warm caches:
-    seconds where later passes take milliseconds), nor a pass far slower than the fit predicts (a stall),
-    unless such passes keep coming (then the engine is slower now, and the fit follows)."""
+class StepTimes:
+    """The engine's forward-pass time by the tokens a pass computes, handed to `rates` as a StepCurve.
 
-    DECAY = 0.95  # weight of the older passes per new pass
+    Passes are kept per power-of-two bucket of tokens, the last KEEP of each; a bucket with at least
+    MIN_BUCKET passes gives one point, the median of its tokens and of its seconds, and the points are made
+    monotone (a pass of fewer tokens is never predicted slower than one of more). Medians, not a fitted
+    line: the first pass of a new shape (on the H200, a 1-token pass over a 2,000-token prompt took 100 ms
+    once and 14-20 ms after) or a stall moves no median, an engine slower for good moves them within
+    KEEP // 2 + 1 passes, and the curve holds both the fixed cost of a pass and attention's growth with the
+    prompt (a line through 2K and 32K passes priced a 50 ms 2K prefill at 85 ms). A process's first passes
+    are not kept (they compile and warm caches); no curve before MIN_SAMPLES prefill passes."""
+
+    KEEP = 7  # passes kept per bucket
+    MIN_BUCKET = 3  # passes a bucket needs to count (one odd pass never decides a median)
     MIN_PREFILL_TOKENS = 128  # passes with fewer tokens tell little about prefill
-    MIN_SAMPLES = 3  # prefill passes before the first fit
-    WARMUP_PASSES = 2  # a process's first passes, not fitted
-    STALL = 4.0  # a pass this many times slower than predicted, and STALL_S slower, is a stall...
-    STALL_S = 0.1
-    STALLS_TO_FOLLOW = 3  # ...unless this many come in a row
+    MIN_SAMPLES = 3  # prefill passes before the first curve
+    WARMUP_PASSES = 2  # a process's first passes, not kept
 
     def __init__(self, rates: Rates):
         self.rates = rates
-        self._sums = [0.0] * 5  # decayed sums of w, x, y, xx, xy
+        self._buckets: dict[int, deque[tuple[int, float]]] = {}
         self._prefill_passes = 0
         self._warmup = self.WARMUP_PASSES
-        self._stalls: list[tuple[int, float]] = []  # the stalls in a row so far
 
     def add(self, tokens: int, seconds: float) -> None:
         """One forward pass that computed `tokens` tokens in `seconds`."""
@@ -208,46 +214,20 @@ class PrefillFit:
         if self._warmup:
             self._warmup -= 1
             return
-        fit = self.fit() if self._prefill_passes >= self.MIN_SAMPLES else None
-        predicted = None if fit is None else fit[0] + fit[1] * tokens
-        if predicted is not None and seconds > max(self.STALL * predicted, predicted + self.STALL_S):
-            self._stalls.append((tokens, seconds))
-            if len(self._stalls) < self.STALLS_TO_FOLLOW:
-                return
-            stalls, self._stalls = self._stalls, []  # slower for good: the fit starts over from these
-            self._sums, self._prefill_passes = [0.0] * 5, 0
-            for t, sec in stalls:
-                self._add(t, sec)
-            return
+        self._buckets.setdefault(tokens.bit_length(), deque(maxlen=self.KEEP)).append((tokens, seconds))
         if tokens >= self.MIN_PREFILL_TOKENS:
-            self._stalls = []  # the run of stalls ends (decode passes between them do not end it)
-        self._add(tokens, seconds)
-
-    def _add(self, tokens: int, seconds: float) -> None:
-        x, y = float(tokens), seconds
-        s = self._sums = [v * self.DECAY for v in self._sums]
-        for i, v in enumerate((1.0, x, y, x * x, x * y)):
-            s[i] += v
-        if x >= self.MIN_PREFILL_TOKENS:
             self._prefill_passes += 1
-        if self._prefill_passes >= self.MIN_SAMPLES:
-            fit = self.fit()
-            if fit is not None:
-                self.rates.record_prefill(*fit)
+        points = self.points() if self._prefill_passes >= self.MIN_SAMPLES else []
+        if points:
+            self.rates.record_prefill(points)
 
-    def fit(self) -> tuple[float, float] | None:
-        """(fixed seconds per pass, seconds per token), or None."""
-        w, sx, sy, sxx, sxy = self._sums
-        if w <= 0 or sx <= 0:
-            return None
-        mx, my = sx / w, sy / w
-        var = sxx / w - mx * mx
-        if var > 1e-9 * mx * mx:
-            per_token = (sxy / w - mx * my) / var
-            fixed = my - per_token * mx
-            if per_token > 0 and fixed >= 0:
-                return fixed, per_token
-        return 0.0, sxy / sxx  # through the origin: all passes of one size, or a negative intercept
+    def points(self) -> list[tuple[float, float]]:
+        """(tokens, seconds) per bucket with MIN_BUCKET passes, tokens ascending, seconds not falling."""
+        pts = [(median(t for t, _ in q), median(s for _, s in q))
+               for _, q in sorted(self._buckets.items()) if len(q) >= self.MIN_BUCKET]
+        for i in range(len(pts) - 2, -1, -1):  # from the largest down: a smaller pass costs at most a larger one
+            pts[i] = (pts[i][0], min(pts[i][1], pts[i + 1][1]))
+        return pts
 
 
 class ClockMarks:
@@ -264,7 +244,7 @@ class ClockMarks:
 
 
 class ForwardTimer:
-    """Times the worker's forward passes for the planner's step-time fit: `begin(tokens)` when vLLM
+    """Times the worker's forward passes for the planner (StepTimes): `begin(tokens)` when vLLM
     binds a step's metadata (just before its forward pass), `end()` at `wait_for_save` (after it; vLLM
     0.32 calls `start_load_kv` after the forward pass too unless a load must precede it). A pass that
     waited for a synchronous load, whole or layer by layer, is not timed (`exclude()`): it would time
@@ -273,8 +253,8 @@ class ForwardTimer:
 
     MAX_PENDING = 8  # passes issued but not yet done on the GPU; older ones are dropped
 
-    def __init__(self, fit: PrefillFit, marks):
-        self.fit, self.marks = fit, marks
+    def __init__(self, times: StepTimes, marks):
+        self.times, self.marks = times, marks
         self._open: tuple[int, object] | None = None
         self._pending: list[tuple[int, object, object]] = []
 
@@ -292,11 +272,11 @@ class ForwardTimer:
         self.poll()
 
     def poll(self) -> None:
-        """Hand the finished passes, in order, to the fit."""
+        """Hand the finished passes, in order, to the step times."""
         while self._pending:
             tokens, a, b = self._pending[0]
             seconds = self.marks.elapsed(a, b)
             if seconds is None:
                 return
             self._pending.pop(0)
-            self.fit.add(tokens, seconds)
+            self.times.add(tokens, seconds)

@@ -245,6 +245,7 @@ class SchedulerSide:
     def request_finished(self, request: "Request") -> bool:
         """True if the request's blocks must wait for saves in flight (the worker reports them done)."""
         st = self.reqs.pop(request.request_id, None)
+        log.debug("req %s finished", request.request_id)
         if self._planner is not None:
             self._planner.request_done(request.request_id)
         if self.blend is not None:

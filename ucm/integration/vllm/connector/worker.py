@@ -31,9 +31,10 @@ import torch
 from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.layers import HostLayers, LayerPlan, layer_plan
 from ucm.integration.vllm.connector.metadata import RequestMeta, UCMConnectorMetadata
-from ucm.integration.vllm.connector.planner import ClockMarks, ForwardTimer, PrefillFit
+from ucm.integration.vllm.connector.planner import ClockMarks, ForwardTimer, StepTimes
 from ucm.integration.vllm.connector.saves import Saves
 from ucm.integration.vllm.connector.stats import GAUGE_KEYS, STAT_KEYS, UCMConnectorStats
+from ucm.integration.vllm.connector.steptrace import StepTrace, trace_enabled
 from ucm.integration.vllm.identity import BlockIdentity
 from ucm.integration.vllm.connector.store_access import StoreAccess
 from ucm.kernels.layout import KVLayout
@@ -115,6 +116,7 @@ class WorkerSide:
         self._load_stream = None  # a GPU's stream for async loads (register_kv_caches)
         self._idle_step = False  # this step computes no token (no forward pass: vLLM only polls the connector)
         self._forward_timer: ForwardTimer | None = None  # times forward passes for the load planner
+        self._trace: StepTrace | None = None  # UNIFIED_CACHE_STEP_TRACE: a timeline of the steps (steptrace.py)
         self._occupancy_at = float("-inf")  # when take_stats last read the tiers' occupancy
 
     @property
@@ -143,7 +145,8 @@ class WorkerSide:
         self.xfer = HostTransfer(self.layout, tc.gpu_mode, tc.direct_programs)
         self.saves = Saves(gpu)
         if tc.load_planner:  # the load planner's step time: with the planner off, no one needs it
-            self._forward_timer = ForwardTimer(PrefillFit(self._access.rates), CudaMarks() if gpu else ClockMarks())
+            self._forward_timer = ForwardTimer(StepTimes(self._access.rates), CudaMarks() if gpu else ClockMarks())
+        self._trace = StepTrace(gpu) if trace_enabled() else None
         self._load_stream = torch.cuda.Stream() if gpu else None
         self._layer_stream = torch.cuda.Stream() if gpu else None
         host = self.store.host
@@ -176,6 +179,8 @@ class WorkerSide:
         """vLLM bound this step's metadata: its forward pass, if it computes any token, comes next (timed for
         the load planner)."""
         self._idle_step = meta.step_tokens == 0
+        if self._trace is not None:
+            self._trace.begin(meta.step_tokens, len(meta.requests), sum(bool(r.load_block_ids[0]) for r in meta.requests))
         if self._forward_timer is not None:
             self._forward_timer.begin(meta.step_tokens)
 
@@ -189,6 +194,8 @@ class WorkerSide:
         load is not timed for the planner."""
         if self._start_loads(meta):
             self.untimed_forward()
+        if self._trace is not None:
+            self._trace.mark("start_load_kv returned")
 
     def _start_loads(self, meta: UCMConnectorMetadata) -> bool:
         """Do or start this step's synchronous loads and submit its async ones; True if there was a
@@ -387,6 +394,8 @@ class WorkerSide:
         nothing of it: its new KV attended to blocks that were not there."""
         if self._forward_timer is not None:
             self._forward_timer.end()
+        if self._trace is not None:
+            self._trace.launched()
         self.finish_layered()
         jobs: list[tuple[str, list[bytes], list[int]]] = []
         for rm in meta.requests:
@@ -434,7 +443,10 @@ class WorkerSide:
         for r in finished_req_ids:
             self.request_metas.pop(r, None)  # every finished request, with or without saves
         saved = self.saves.finished(finished_req_ids) if self.saves is not None else set()
-        return saved, self._finished_loads()
+        loaded = self._finished_loads()
+        if self._trace is not None:
+            self._trace.end(loaded)
+        return saved, loaded
 
     # ---- stats and shutdown -----------------------------------------------------------------------
     OCCUPANCY_EVERY_S = 1.0
