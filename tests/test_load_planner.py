@@ -51,7 +51,7 @@ def brute_force(p, tiers, tokens):
     for k in range(len(tiers) + 1):
         host = sum(PAGE / p.rates.bandwidth(t) for t in tiers[:k] if t == "host")
         other = sum(PAGE / p.rates.bandwidth(t) for t in tiers[:k] if t != "host")
-        c = p.rates.prefill_seconds(max(1, tokens - k * BS))
+        c = p.compute_seconds(max(1, tokens - k * BS))
         out.append({"none": host + other + c, "ssd": host + max(other, c), "all": max(host + other, c)}[p.overlap])
     return out
 
@@ -129,6 +129,20 @@ def test_the_planner_never_picks_a_plan_predicted_slower_than_recompute():
         if d.load_blocks:
             assert d.ttft_s <= (1 - MARGIN) * costs[0] + 1e-12
             assert d.ttft_s == pytest.approx(min(costs))
+
+
+def test_a_prompt_longer_than_a_step_is_priced_by_its_chunks():
+    """vLLM computes at most max_num_batched_tokens per step: 32,000 tokens at 16,384 a step are two
+    passes (on the H200: 1,173 ms; the curve's 32,000-token point alone, extrapolated from passes of at
+    most 16,384 tokens, says about half)."""
+    r = Rates(None, clock=Clock())
+    r.record_prefill([(1, 0.018), (2000, 0.047), (8000, 0.21), (16384, 0.58)])
+    r.record_load("ssd", 1 << 30, (1 << 30) / (1.4 * GB))
+    chunked = LoadPlanner(r, PAGE, BS, step_tokens=16384)
+    d = chunked.decide(["ssd"] * 2000, 32000)
+    assert d.recompute_s == pytest.approx(0.58 + r.prefill_seconds(32000 - 16384))
+    assert chunked.compute_seconds(2000) == r.prefill_seconds(2000)  # one step: as it is
+    assert planner(r).decide(["ssd"] * 2000, 32000).recompute_s == pytest.approx(r.prefill_seconds(32000))
 
 
 def test_switched_off_it_loads_every_hit():

@@ -100,7 +100,8 @@ class UCMDirectConnector(KVConnectorBase_V1):
             self.scheduler = SchedulerSide(self.config, self.identity, self.page_size,
                                            blend.planner(lambda: self.scheduler.store) if blend else None,
                                            load_async=load_async, loads=ktc.is_kv_consumer, saves=ktc.is_kv_producer,
-                                           overlap=_overlap(self.config, load_async, blend is None))
+                                           overlap=_overlap(self.config, load_async, blend is None),
+                                           step_tokens=vllm_config.scheduler_config.max_num_batched_tokens)
             log.info("scheduler connector: block %d tokens, page %d B, config %s, kv_role %s; loads %s (%s)",
                      self.block_size, self.page_size, self.config.source, ktc.kv_role,
                      "asynchronous" if load_async else "synchronous", why)

@@ -5,7 +5,8 @@ For a request whose hits are blocks b_0..b_{h-1} (each in a tier: host, ssd, rem
 vLLM already has, loading the first k blocks costs
 
     L(k) = sum over i < k of page_bytes / bandwidth(tier of b_i)          (measured, ucm/tiers/rates.py)
-    C(k) = step time of (tokens to compute - k * block_size)               (measured, StepTimes below)
+    C(k) = step times of (tokens to compute - k * block_size)              (measured, StepTimes below)
+           summed over its steps: vLLM computes at most max_num_batched_tokens a step
 
 and the predicted time to the first token is L + C where the load comes before the forward pass, and
 max(L, C) where it overlaps it layer by layer (`overlap`: "none"; "ssd": SSD hits layer by layer, host
@@ -100,11 +101,14 @@ class LoadDecision:
 
 class LoadPlanner:
     def __init__(self, rates: Rates, page_bytes: int, block_size: int, overlap: str = "none",
-                 enabled: bool = True, clock=time.monotonic):
+                 enabled: bool = True, clock=time.monotonic, step_tokens: int | None = None):
+        """`step_tokens`: the most tokens vLLM computes in one step (max_num_batched_tokens): a longer
+        prompt is computed in chunks, and its time is theirs summed (None: one pass whatever its size)."""
         if overlap not in OVERLAPS:
             raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
         self.rates, self.page_bytes, self.block_size = rates, page_bytes, block_size
         self.overlap, self.enabled, self.clock = overlap, enabled, clock
+        self.step_tokens = step_tokens
         self._probes: dict[str, tuple[str, float]] = {}  # tier -> (request measuring it, since when)
 
     # ---- probes: one request at a time measures an unknown slow tier --------------------------------
@@ -130,6 +134,12 @@ class LoadPlanner:
         if self.overlap == "ssd":
             return host_s + max(other_s, compute_s)
         return host_s + other_s + compute_s
+
+    def compute_seconds(self, tokens: int) -> float:
+        """Predicted seconds to compute `tokens` prompt tokens, step by step (known step time only)."""
+        m = self.step_tokens or tokens
+        full, rest = divmod(tokens, m)
+        return full * self.rates.prefill_seconds(m) + (self.rates.prefill_seconds(rest) if rest else 0.0)
 
     def decide(self, tiers: list[str], compute_tokens: int, request_id: str | None = None) -> LoadDecision:
         """`tiers`: the tier of each leading hit block, in order; `compute_tokens`: the tokens vLLM
@@ -162,7 +172,7 @@ class LoadPlanner:
             return LoadDecision(h, h, None, None, None, None, "not measured: " + ", ".join(sorted(unknown)), shown,
                                 tuple(probed))
         bs, page = self.block_size, self.page_bytes
-        compute = lambda k: self.rates.prefill_seconds(max(1, compute_tokens - k * bs))  # noqa: E731
+        compute = lambda k: self.compute_seconds(max(1, compute_tokens - k * bs))  # noqa: E731
         recompute = compute(0)
         best = (recompute, 0, 0.0)
         host_s = other_s = 0.0

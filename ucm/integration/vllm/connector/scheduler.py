@@ -45,10 +45,12 @@ log = get_logger("Connector")
 
 class SchedulerSide:
     def __init__(self, config: UCMConfig, identity: BlockIdentity, page_size: int, blend=None,
-                 load_async: bool = False, loads: bool = True, saves: bool = True, overlap: str = "none"):
+                 load_async: bool = False, loads: bool = True, saves: bool = True, overlap: str = "none",
+                 step_tokens: int | None = None):
         """`blend`: a blend.plan.BlendPlanner (BlendConnector), or None; `load_async`: see the module;
         `loads`/`saves`: vLLM's kv_role (kv_consumer: loads only, kv_producer: saves only, kv_both);
-        `overlap`: how loads overlap the forward pass (planner.OVERLAPS)."""
+        `overlap`: how loads overlap the forward pass (planner.OVERLAPS); `step_tokens`: the most tokens
+        vLLM computes in a step (max_num_batched_tokens; the planner prices a longer prompt by its chunks)."""
         self.config, self.identity, self.page_size = config, identity, page_size
         self.load_async, self.loads, self.saves = load_async, loads, saves
         self._async_loads: list[str] = []  # requests allocated for an async load, not sent to the worker yet
@@ -58,14 +60,14 @@ class SchedulerSide:
         self.reqs: dict[str, RequestState] = {}
         self.lookups = {"requests": 0, "blocks": 0, "ucm_hit_blocks": 0, "vllm_hit_blocks": 0, "loaded_tokens": 0,
                         "skipped_blocks": {}}  # tier -> hit blocks the planner did not load
-        self.overlap = overlap
+        self.overlap, self.step_tokens = overlap, step_tokens
         self._planner: LoadPlanner | None = None
 
     def _planning(self) -> LoadPlanner:
         """The load planner (created with the store; the worker measures what it works from)."""
         if self._planner is None:
             self._planner = LoadPlanner(self._access.rates, self.page_size, self.block_size, self.overlap,
-                                        self.config.transfer.load_planner)
+                                        self.config.transfer.load_planner, step_tokens=self.step_tokens)
         return self._planner
 
     @property

@@ -254,6 +254,8 @@ class WorkerSide:
         task = self.store.prepare_load(store_ids)
         batches = [([vids[i] for i in which], pages, slots) for pages, slots, which in task.ready()]
         hits = (st.host_hits - before[0], st.ssd_hits - before[1], st.remote_hits - before[2])
+        if self._trace is not None:
+            self._trace.mark(f"{len(vids)} blocks found in {len(batches)} page batches")
         stream = self._layer_stream  # None on a CPU (tests): the copies are done on return
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())  # the blocks' previous users are done with them
@@ -273,6 +275,8 @@ class WorkerSide:
                                         seconds=time.perf_counter() - t0))
             return
         self._layered = (HostLayers(self.store, task, copies, self._layer_plan), vids, t0, hits)
+        if self._trace is not None:
+            self._trace.mark(f"{len(self._layer_plan.spans)} layer groups' copies enqueued")
 
     def _copy_in(self, store_ids: list[bytes], vids: list[int]) -> LoadResult:
         """Load blocks whole into vLLM blocks `vids` (on the current stream, synchronized) and verify them."""
