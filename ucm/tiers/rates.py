@@ -16,8 +16,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from bisect import bisect_left
 from dataclasses import dataclass
+
+import numpy as np
 
 from ucm.config import make_private_dirs
 
@@ -49,13 +50,18 @@ class StepCurve:
     time: float  # unix seconds of the measurement
 
     def seconds(self, tokens: float) -> float:
-        p = self.points
-        if len(p) == 1:
-            return p[0][1] * tokens / p[0][0]
-        i = min(max(bisect_left([t for t, _ in p], tokens), 1), len(p) - 1)
-        (t0, s0), (t1, s1) = p[i - 1], p[i]
-        y = s0 + (s1 - s0) * (tokens - t0) / (t1 - t0)
-        return min(max(y, 0.0), p[0][1]) if tokens < p[0][0] else max(y, 0.0)
+        return float(self.seconds_of(np.array([tokens], dtype=np.float64))[0])
+
+    def seconds_of(self, tokens: np.ndarray) -> np.ndarray:
+        """`seconds` of each element (the load planner prices every k of a request's hits at once)."""
+        ts = np.array([t for t, _ in self.points])
+        ss = np.array([s for _, s in self.points])
+        if len(ts) == 1:
+            return ss[0] * tokens / ts[0]
+        i = np.clip(np.searchsorted(ts, tokens, side="left"), 1, len(ts) - 1)
+        t0, s0, t1, s1 = ts[i - 1], ss[i - 1], ts[i], ss[i]
+        y = np.maximum(s0 + (s1 - s0) * (tokens - t0) / (t1 - t0), 0.0)
+        return np.where(tokens < ts[0], np.minimum(y, ss[0]), y)
 
     @classmethod
     def of(cls, points, time: float) -> "StepCurve | None":
@@ -115,10 +121,15 @@ class Rates:
         r = self.tiers.get(tier)
         return r.value if self._fresh(r) else None
 
-    def prefill_seconds(self, tokens: int) -> float | None:
-        """Seconds the engine takes to compute `tokens` prompt tokens, or None when not measured."""
+    def prefill_curve(self) -> StepCurve | None:
+        """The step-time curve, or None when not measured recently."""
         c = self.prefill
-        if c is None or self.clock() - c.time > self.max_age_s:
+        return None if c is None or self.clock() - c.time > self.max_age_s else c
+
+    def prefill_seconds(self, tokens: int) -> float | None:
+        """Seconds the engine takes to compute `tokens` prompt tokens in one pass, or None when not measured."""
+        c = self.prefill_curve()
+        if c is None:
             return None
         return c.seconds(tokens) if tokens > 0 else 0.0
 
