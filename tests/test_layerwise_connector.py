@@ -109,8 +109,10 @@ def _host_layers_load(root, ids, wait_layers, break_copy=False):
 
 @pytest.fixture
 def in_host(tmp_path):
-    """BLOCKS blocks saved to a host tier that stays open (its worker closes after the test)."""
+    """BLOCKS blocks saved to a host tier that stays open (its worker closes after the test), their SSD
+    write-through done (it pins the pages while it writes them: the tests count pins)."""
     w, ids, pages = _save_blocks(tmp_path)
+    w.worker.store.flush(timeout=60)
     yield tmp_path, ids, pages
     w.shutdown()
     close_shared()
