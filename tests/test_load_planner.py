@@ -234,7 +234,7 @@ def test_a_broken_rates_file_leaves_the_figures_unknown(tmp_path):
     assert r.bandwidth("ssd") is None and r.prefill_seconds(10) is None
 
 
-def test_the_step_curve_interpolates_and_extrapolates_the_nearest_segment():
+def test_the_step_curve_interpolates_and_extrapolates_from_points_far_enough_apart():
     one = StepCurve.of([(2000, 0.05)], 0.0)
     assert one.seconds(1000) == pytest.approx(0.025) and one.seconds(8000) == pytest.approx(0.2)  # through 0
     c = StepCurve.of([(2000, 0.05), (1, 0.015), (8000, 0.23)], 0.0)  # any order in, tokens ascending kept
@@ -244,6 +244,8 @@ def test_the_step_curve_interpolates_and_extrapolates_the_nearest_segment():
     assert c.seconds(14000) == pytest.approx(0.23 + 0.18)  # beyond the last: the last segment's line
     flat_left = StepCurve.of([(100, 0.01), (200, 0.03)], 0.0)
     assert flat_left.seconds(90) == pytest.approx(0.008) and flat_left.seconds(10) == 0.0  # never below 0
+    near = StepCurve.of([(3904, 7.30), (4096, 7.31)], 0.0)  # two near points: no slope to extrapolate
+    assert near.seconds(64) == pytest.approx(7.30 * 64 / 3904) and near.seconds(8192) == pytest.approx(7.31 * 2)
     assert StepCurve.of([], 0.0) is None and StepCurve.of([(0, 0.1)], 0.0) is None
     assert StepCurve.of([(5, 0.1), (5, 0.2)], 0.0) is None
 
@@ -303,6 +305,23 @@ def test_a_new_shapes_first_pass_does_not_make_a_host_hit_look_not_worth_loading
         d = p.decide(["host"] * 125, 2000)
         assert d.load_blocks == 125, (sec, d.sentence())
     assert r.prefill_seconds(1) == pytest.approx(0.018)
+
+
+def test_a_host_hit_on_vllm_cpu_loads_whole_when_only_a_prompt_s_two_chunks_were_timed():
+    """vLLM's CPU build, SmolLM2-135M, 8,000-token prompts in chunks of 4,096: the step times known are
+    the two chunks (3,904 and 4,096 tokens, ~7.3 s each). A line through them is flat, and priced the 64
+    tokens left after loading 62 host blocks at 7.3 s: the planner loaded 31 of 62 and the prompt took 22 s
+    (an 81 ms load of all 62, and a 0.4 s pass, when loaded)."""
+    r = Rates(None, clock=Clock())
+    r.record_load("host", 1 << 30, (1 << 30) / (2.25 * GB))
+    times = StepTimes(r)
+    times._warmup = 0
+    for _ in range(3):
+        times.add(4096, 7.31)
+        times.add(3904, 7.30)
+    p = LoadPlanner(r, 2949120, 128, overlap="ssd", step_tokens=4096)
+    d = p.decide(["host"] * 62, 8000)
+    assert d.load_blocks == 62 and d.ttft_s < 0.5, d.sentence()
 
 
 def test_a_pass_of_fewer_tokens_is_never_predicted_slower_than_one_of_more():
