@@ -4,11 +4,11 @@
 <storage>/rates/prefill.json  the engine's forward-pass seconds by tokens computed (StepCurve: measured
                               points), from the worker's timed passes (ForwardTimer in connector/planner.py)
 
-Each bandwidth is an exponentially weighted mean over recent loads (the step-time curve is made of recent medians
-already), so it follows a disk that gets slower or a page cache that gets warm; a fresh process starts from what the last one measured. A figure
-older than `max_age_s` counts as unknown (the planner then loads, which measures it again). Writing is
-best-effort: a file that cannot be written or read never fails a request, it only leaves the planner
-without a figure.
+Each bandwidth is an exponentially weighted mean over recent loads (the step-time curve is made of recent
+medians already), so it follows a disk that gets slower or a page cache that gets warm; a fresh process
+starts from what the last one measured. A figure older than `max_age_s` counts as unknown (the planner
+then loads, which measures it again). Writing is best-effort: a file that cannot be written or read never
+fails a request, it only leaves the planner without a figure.
 """
 
 from __future__ import annotations

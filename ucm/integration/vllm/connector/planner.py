@@ -254,6 +254,21 @@ class ClockMarks:
         return b - a
 
 
+class CudaMarks:
+    """Moments on a GPU: events recorded on the current (compute) stream, in seconds apart once the GPU
+    has passed both (never waited for)."""
+
+    def now(self):
+        import torch
+
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        return ev
+
+    def elapsed(self, a, b) -> float | None:
+        return a.elapsed_time(b) / 1e3 if b.query() else None
+
+
 class ForwardTimer:
     """Times the worker's forward passes for the planner (StepTimes): `begin(tokens)` when vLLM
     binds a step's metadata (just before its forward pass), `end()` at `wait_for_save` (after it; vLLM

@@ -31,7 +31,7 @@ import torch
 from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.layers import HostLayers, LayerPlan, layer_plan
 from ucm.integration.vllm.connector.metadata import RequestMeta, UCMConnectorMetadata
-from ucm.integration.vllm.connector.planner import ClockMarks, ForwardTimer, StepTimes
+from ucm.integration.vllm.connector.planner import ClockMarks, CudaMarks, ForwardTimer, StepTimes
 from ucm.integration.vllm.connector.saves import Saves
 from ucm.integration.vllm.connector.stats import GAUGE_KEYS, STAT_KEYS, UCMConnectorStats
 from ucm.integration.vllm.connector.steptrace import StepTrace, trace_enabled
@@ -69,18 +69,6 @@ class AsyncLoad:
 
     future: Future
     polls: int = 0
-
-
-class CudaMarks:
-    """ForwardTimer's moments on a GPU: events recorded on the current (compute) stream."""
-
-    def now(self) -> torch.cuda.Event:
-        ev = torch.cuda.Event(enable_timing=True)
-        ev.record()
-        return ev
-
-    def elapsed(self, a: torch.cuda.Event, b: torch.cuda.Event) -> float | None:
-        return a.elapsed_time(b) / 1e3 if b.query() else None
 
 
 class WorkerSide:
@@ -180,7 +168,8 @@ class WorkerSide:
         the load planner)."""
         self._idle_step = meta.step_tokens == 0
         if self._trace is not None:
-            self._trace.begin(meta.step_tokens, len(meta.requests), sum(bool(r.load_block_ids[0]) for r in meta.requests))
+            loads = sum(bool(r.load_block_ids[0]) for r in meta.requests)
+            self._trace.begin(meta.step_tokens, len(meta.requests), loads)
         if self._forward_timer is not None:
             self._forward_timer.begin(meta.step_tokens)
 
