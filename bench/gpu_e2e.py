@@ -135,7 +135,7 @@ def run(spec: dict, log, py_spy: str | None = None) -> dict:
     """One configuration in a fresh process; with `py_spy`, its marked phase is sampled (raw stacks):
     spec["profile"] "idle" (every thread, waits included; the default) or "gil" (only the thread that
     holds the GIL in each sample)."""
-    if ONLY and spec["name"] not in ONLY:
+    if ONLY and spec["name"].split(" #")[0] not in ONLY:  # "ttft ucm" also picks its repeats ("ttft ucm #2")
         return {"skipped": True}
     env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_LOGGING_LEVEL="WARNING")
     if spec.get("debug"):
@@ -240,8 +240,8 @@ def main() -> None:
     ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
     ap.add_argument("--profile", default="idle", choices=sorted(PROFILE_FLAGS), help="py-spy's mode for plain and ucm")
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
-    ap.add_argument("--repeat", type=int, default=1, help="batch: run no connector and ucm (cold) this many times, "
-                    "alternating, each in a fresh process")
+    ap.add_argument("--repeat", type=int, default=1, help="batch: run no connector and ucm (cold) this many times; "
+                    "TTFT: OffloadingConnector and ucm; alternating, each in a fresh process")
     ap.add_argument("--ucm-debug", action="store_true", help="keep the ucm TTFT processes' debug logs under $OUT")
     ap.add_argument("--only", nargs="+", default=[], help='configurations to run, e.g. "batch ucm" "ttft offload"')
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.log"))
@@ -310,6 +310,16 @@ def main() -> None:
                                    "phases": warm, "debug": args.ucm_debug}, log)
         shutil.rmtree(os.path.join(shm, "ttft-planned"), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
+        for r in range(2, args.repeat + 1):  # alternating fresh processes: one process's median drifts 10-20%
+            ttft[f"offload #{r}"] = run({**base, "name": f"ttft offload #{r}", "prefix_caching": False,
+                                         "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
+                                         "phases": cold_warm}, log)
+            root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
+            ttft[f"ucm #{r}"] = run({**base, "name": f"ttft ucm #{r}", "prefix_caching": False,
+                                     "connector": "UCMConnector", "extra": ucm(root, f"ttft{r}", gib),
+                                     "phases": cold_warm}, log)
+            shutil.rmtree(os.path.join(shm, f"ttft{r}"), ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
     if not args.no_batch:
         root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
         gib = (2 * BATCH * BATCH_LEN * KV_PER_TOKEN >> 30) + 2
@@ -418,6 +428,14 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
                      f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}",
                      f"{layers:.0f}", f"{no_plan:.0f}", f"{planned:.0f}", f"{ratio(planned, nocache):.2f}", f"{loaded:.0f} of {n}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        pairs = [(o, u) for o, u in [("offload", "ucm")] + [(f"offload #{r}", f"ucm #{r}") for r in range(2, 99)]
+                 if "phases" in ttft.get(o, {}) and "phases" in ttft.get(u, {})]
+        if len(pairs) > 1:
+            each = {n: [ratio(med(ttft[u], 2 * k + 1), med(ttft[o], 2 * k + 1)) for o, u in pairs]
+                    for k, n in enumerate(args.lengths)}
+            lines.append("\nucm host-tier hit / OffloadingConnector CPU-tier hit, each of "
+                         f"{len(pairs)} alternating pairs of fresh processes: " + "; ".join(
+                             f"{n}: {', '.join(f'{x:.2f}' for x in xs)}" for n, xs in each.items()))
         ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in ttft.items()}
         lines.append(f"\nExternal tokens counted by vLLM per phase: {ext}")
         crashed = [f"{k}: {v['crash']}" for k, v in ttft.items() if "crash" in v]
