@@ -174,9 +174,10 @@ def main() -> None:
     out = ["# End-to-end TTFT with vLLM (CPU) and SmolLM2-135M", "",
            f"Machine: {os.cpu_count()} cores ({cpu}); date {datetime.date.today()}; vLLM CPU 0.32.0, bf16, block 128, "
            "VLLM_ENABLE_V1_MULTIPROCESSING=0, VLLM_CPU_OMP_THREADS_BIND=0 in every run.",
-           "Command: `.venv/bin/python bench/e2e.py`. Each configuration runs in fresh processes; TTFT = wall time "
+           f"Command: `.venv/bin/python bench/e2e.py{'' if args.rounds == 3 else f' --rounds {args.rounds}'}`. "
+           "Each configuration runs in fresh processes; TTFT = wall time "
            "of generate(max_tokens=1), median of 4 prompts of real text. Cold processes write the stores once; "
-           "then 3 rounds each measure the floor and every warm configuration back to back, and each cell is the "
+           f"then {args.rounds} round(s) each measure the floor and every warm configuration back to back, and each cell is the "
            "median over the rounds (ucm / floor: the median of the per-round ratios). Before every warm process "
            "the page cache of the stored files is dropped (posix_fadvise DONTNEED), and ucm's warm SSD processes "
            "start with an empty host tier: their blocks are read from the disk.", "",
