@@ -117,7 +117,7 @@ class Rates:
             r.update(x, now)
 
     # ---- figures ------------------------------------------------------------------------------------
-    def _fresh(self, r: Rate | None) -> bool:
+    def _fresh(self, r: "Rate | StepCurve | None") -> bool:
         return r is not None and self.clock() - r.time <= self.max_age_s
 
     def bandwidth(self, tier: str) -> float | None:
@@ -127,8 +127,7 @@ class Rates:
 
     def prefill_curve(self) -> StepCurve | None:
         """The step-time curve, or None when not measured recently."""
-        c = self.prefill
-        return None if c is None or self.clock() - c.time > self.max_age_s else c
+        return self.prefill if self._fresh(self.prefill) else None
 
     def prefill_seconds(self, tokens: int) -> float | None:
         """Seconds the engine takes to compute `tokens` prompt tokens in one pass, or None when not measured."""

@@ -139,7 +139,7 @@ class LoadPlanner:
         else:
             m = float(self.step_tokens)
             full, rest = np.floor_divide(x, m), np.mod(x, m)
-            out = full * curve.seconds(m) + np.where(rest > 0, curve.seconds_of(np.maximum(rest, 1.0)), 0.0)
+            out = full * curve.seconds(m) + np.where(rest > 0, curve.seconds_of(rest), 0.0)
         return float(out) if out.ndim == 0 else out
 
     def decide(self, tiers: list[str], compute_tokens: int, request_id: str | None = None) -> LoadDecision:
@@ -167,7 +167,7 @@ class LoadPlanner:
             return LoadDecision(before.load_blocks, h, before.load_s, None, before.recompute_s, None,
                                 "being measured: " + ", ".join(busy), shown, before.probe)
         unknown = [f"{t} bandwidth" for t, b in bw.items() if b is None]
-        if self.rates.prefill_seconds(1) is None:
+        if self.rates.prefill_curve() is None:
             unknown.append("prefill rate")
         if unknown:
             return LoadDecision(h, h, None, None, None, None, "not measured: " + ", ".join(sorted(unknown)), shown,
