@@ -71,7 +71,7 @@ def child(spec: dict) -> dict:
 
     bench_log = get_logger("Bench")
     kw = dict(model=spec["model"], load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
-              dtype="bfloat16", block_size=16, kv_cache_memory_bytes=spec["kv_bytes"],
+              dtype="bfloat16", block_size=spec.get("block_size", 16), kv_cache_memory_bytes=spec["kv_bytes"],
               max_model_len=spec["max_len"], enable_prefix_caching=spec["prefix_caching"], seed=0,
               max_num_batched_tokens=spec.get("batched", 16384), disable_log_stats=False)
     if spec.get("connector"):
@@ -87,6 +87,7 @@ def child(spec: dict) -> dict:
         time.sleep(phase.get("sleep", 0))  # lets the saves of the phase before finish
         if phase.get("drop_caches"):
             subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True, check=False)
+        reset = _reset_prefix_cache(llm) if phase.get("reset_prefix") else None
         ps = prompts(phase["n"], phase["length"], phase["seed"])
         external0 = _external(llm)
         if phase.get("mark"):
@@ -111,13 +112,30 @@ def child(spec: dict) -> dict:
             out["phases"].append({"seconds": dt, "tokens_per_s": toks / dt})
         if phase.get("mark"):
             print(f"GPU-E2E-MARK end {time.time()}", flush=True)
-        out["phases"][-1]["external"] = _external(llm) - external0
-        out["phases"][-1]["role"] = phase.get("role", "")
+        out["phases"][-1].update(external=_external(llm) - external0, role=phase.get("role", ""),
+                                 length=phase["length"], **({"reset": reset} if reset is not None else {}))
     llm.llm_engine.engine_core.shutdown()
     from ucm.tiers.store import close_shared
 
     close_shared()
     return out
+
+
+def _reset_prefix_cache(llm, tries: int = 50) -> bool:
+    """Empty vLLM's GPU prefix cache (the connector's tiers keep their blocks), so the next phase's prompts
+    load from the connector; True once vLLM did. vLLM refuses while a finished request's blocks wait for
+    its saves, and an offline engine only learns they are done in a step: a prompt shorter than a block
+    (nothing to save) steps it before each retry."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    for _ in range(tries):
+        if llm.reset_prefix_cache():
+            return True
+        llm.generate([TokensPrompt(prompt_token_ids=list(range(200, 208)))], SamplingParams(max_tokens=1),
+                     use_tqdm=False)
+        time.sleep(0.05)
+    return False
 
 
 def _external(llm) -> int:
@@ -269,23 +287,27 @@ def main() -> None:
     if not args.no_ttft:
         root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
         gib = ((args.prompts + 1) * sum(args.lengths) * KV_PER_TOKEN >> 30) + 2  # every prompt fits each tier
-        cold_warm, warm = [], []
+        plain_phases, cold_warm, warm = [], [], []
         n_all = args.prompts + 1  # one more prompt per phase: the first warms up, untimed
         for k, n in enumerate(args.lengths):
-            cold_warm += [{"kind": "ttft", "n": n_all, "length": n, "seed": k, "warmup": True},
-                          {"kind": "ttft", "n": n_all, "length": n, "seed": k, "sleep": 2, "warmup": True}]
-            warm += [{"kind": "ttft", "n": n_all, "length": n, "seed": k, "drop_caches": True, "warmup": True}]
-        ttft["plain"] = run({**base, "name": "ttft plain", "prefix_caching": True, "phases": cold_warm}, log)
-        ttft["offload"] = run({**base, "name": "ttft offload", "prefix_caching": False,
+            ph = lambda role, **kw: {"kind": "ttft", "n": n_all, "length": n, "seed": k, "warmup": True,  # noqa: E731
+                                     "role": role, **kw}
+            plain_phases += [ph("cold"), ph("floor", sleep=2)]
+            # a connector's process: cold (its saves), vLLM's prefix cache emptied, the same prompts again (the
+            # connector's hits), then once more (vLLM's own hits: the floor of this very process)
+            cold_warm += [ph("cold"), ph("hit", sleep=2, reset_prefix=True), ph("floor")]
+            warm += [ph("ssd", drop_caches=True)]
+        ttft["plain"] = run({**base, "name": "ttft plain", "prefix_caching": True, "phases": plain_phases}, log)
+        ttft["offload"] = run({**base, "name": "ttft offload", "prefix_caching": True,
                                "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
                                "phases": cold_warm}, log)
-        ttft["ucm"] = run({**base, "name": "ttft ucm", "prefix_caching": False, "connector": "UCMConnector",
+        ttft["ucm"] = run({**base, "name": "ttft ucm", "prefix_caching": True, "connector": "UCMConnector",
                            "extra": ucm(root, "ttft", gib), "phases": cold_warm, "debug": args.ucm_debug}, log)
         shutil.rmtree(os.path.join(shm, "ttft"), ignore_errors=True)
         if args.ablations:  # sync loads, copied layer by layer during the forward pass (not recoverable after a
             # load error on vLLM 0.26's GPU runner, which is why `auto` loads asynchronously there)
             root2 = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
-            ttft["ucm layers"] = run({**base, "name": "ttft ucm layers", "prefix_caching": False,
+            ttft["ucm layers"] = run({**base, "name": "ttft ucm layers", "prefix_caching": True,
                                       "connector": "UCMConnector", "debug": args.ucm_debug, "phases": cold_warm,
                                       "extra": {**ucm(root2, "ttft-layers", gib), "transfer": {"load_mode": "sync"}}},
                                      log)
@@ -293,7 +315,7 @@ def main() -> None:
             shutil.rmtree(root2, ignore_errors=True)
             # the defaults less the load planner (and so less its forward-pass timer): every hit loaded
             root3 = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
-            ttft["ucm no planner"] = run({**base, "name": "ttft ucm no planner", "prefix_caching": False,
+            ttft["ucm no planner"] = run({**base, "name": "ttft ucm no planner", "prefix_caching": True,
                                           "connector": "UCMConnector", "debug": args.ucm_debug, "phases": cold_warm,
                                           "extra": {**ucm(root3, "ttft-np", gib), "transfer": {"load_planner": False}}},
                                          log)
@@ -311,11 +333,11 @@ def main() -> None:
         shutil.rmtree(os.path.join(shm, "ttft-planned"), ignore_errors=True)
         shutil.rmtree(root, ignore_errors=True)
         for r in range(2, args.repeat + 1):  # alternating fresh processes: one process's median drifts 10-20%
-            ttft[f"offload #{r}"] = run({**base, "name": f"ttft offload #{r}", "prefix_caching": False,
+            ttft[f"offload #{r}"] = run({**base, "name": f"ttft offload #{r}", "prefix_caching": True,
                                          "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
                                          "phases": cold_warm}, log)
             root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
-            ttft[f"ucm #{r}"] = run({**base, "name": f"ttft ucm #{r}", "prefix_caching": False,
+            ttft[f"ucm #{r}"] = run({**base, "name": f"ttft ucm #{r}", "prefix_caching": True,
                                      "connector": "UCMConnector", "extra": ucm(root, f"ttft{r}", gib),
                                      "phases": cold_warm}, log)
             shutil.rmtree(os.path.join(shm, f"ttft{r}"), ignore_errors=True)
@@ -386,8 +408,10 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
     import torch
     import vllm
 
-    def med(r: dict, k: int) -> float:
-        return statistics.median(r["phases"][k]["ttft"]) * 1e3 if "phases" in r else float("nan")
+    def med(r: dict, n: int, role: str) -> float:
+        """The process's median TTFT (ms) of its phase `role` at prompt length n (nan: not run)."""
+        ph = [p for p in r.get("phases", []) if p.get("length") == n and p.get("role") == role and "ttft" in p]
+        return statistics.median(ph[0]["ttft"]) * 1e3 if ph else float("nan")
 
     def ratio(a: float, b: float) -> float:
         return a / b if b == b and b else float("nan")
@@ -408,34 +432,52 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
              f"Ceilings measured in the same run: pinned DMA host->GPU {h2d:.1f} GB/s, GPU->host {d2h:.1f} GB/s "
              f"(1 GiB); disk O_DIRECT read {ddr:.2f} GB/s, write {ddw:.2f} GB/s (dd, 4 GiB)."]
     if ttft:
-        lines += ["", "| prompt tokens | no cache ms | vLLM prefix-cache hit (floor) ms | OffloadingConnector CPU hit ms | "
-                  "ucm host-tier hit ms | ucm SSD hit ms | copy limit ms | ucm host / copy limit | ucm host / Offloading | "
-                  "ucm SSD / no cache | ucm cold / no cache | Offloading cold / no cache | ucm host hit, sync load "
-                  "layer by layer (`load_mode: sync`) ms | ucm host hit, load planner off ms | ucm SSD, load planner "
-                  "ms | planner / no cache | planner: tokens loaded per prompt (mean) |", "|---" * 17 + "|"]
-        for k, n in enumerate(args.lengths):
-            nocache, floor = med(ttft["plain"], 2 * k), med(ttft["plain"], 2 * k + 1)
-            limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3)
-            host, off, ssd = med(ttft["ucm"], 2 * k + 1), med(ttft["offload"], 2 * k + 1), med(ttft["ssd"], k)
-            layers = med(ttft["ucm layers"], 2 * k + 1) if "ucm layers" in ttft else float("nan")
-            no_plan = med(ttft["ucm no planner"], 2 * k + 1) if "ucm no planner" in ttft else float("nan")
-            planned = med(ttft["ssd planned"], k) if "ssd planned" in ttft else float("nan")
-            loaded = (ttft["ssd planned"]["phases"][k].get("external", 0) / (args.prompts + 1)
-                      if "phases" in ttft.get("ssd planned", {}) else float("nan"))
-            limit = limit if limit == limit else n * KV_PER_TOKEN / (h2d * 1e9) * 1e3  # no floor measured
-            cells = [f"{nocache:.0f}", f"{floor:.0f}", f"{off:.0f}", f"{host:.0f}", f"{ssd:.0f}", f"{limit:.0f}",
-                     f"{ratio(host, limit):.2f}x", f"{ratio(host, off):.2f}", f"{ratio(ssd, nocache):.2f}",
-                     f"{ratio(med(ttft['ucm'], 2 * k), nocache):.2f}", f"{ratio(med(ttft['offload'], 2 * k), nocache):.2f}",
-                     f"{layers:.0f}", f"{no_plan:.0f}", f"{planned:.0f}", f"{ratio(planned, nocache):.2f}", f"{loaded:.0f} of {n}"]
+        lines += ["", "Host-tier hits: each connector's process (vLLM's prefix cache on) runs the prompts cold, empties "
+                  "vLLM's prefix cache, runs them again (the connector's hit), then once more (vLLM's own hit: that "
+                  "process's floor). The connector's cost is its hit less its own process's floor, which the "
+                  "process-to-process drift of eager launches (10-20%) leaves out.", "",
+                  "| prompt tokens | no cache ms | floor (vLLM prefix-cache hit) ms | copy limit ms | "
+                  "OffloadingConnector CPU hit ms | its process's floor ms | ucm host-tier hit ms | its process's floor ms | "
+                  "ucm host / copy limit | ucm host / Offloading | ucm cost over its floor ms | Offloading cost over its "
+                  "floor ms | ucm cold / no cache | Offloading cold / no cache | ucm host hit, sync load layer by layer "
+                  "(`load_mode: sync`) ms | ucm host hit, load planner off ms | ucm SSD hit, every hit loaded ms | "
+                  "ucm SSD / no cache | ucm SSD, load planner ms | planner / no cache | planner: tokens loaded per "
+                  "prompt (mean) |", "|---" * 21 + "|"]
+        for n in args.lengths:
+            nocache, floor = med(ttft["plain"], n, "cold"), med(ttft["plain"], n, "floor")
+            limit = max(floor, n * KV_PER_TOKEN / (h2d * 1e9) * 1e3) if floor == floor else \
+                n * KV_PER_TOKEN / (h2d * 1e9) * 1e3
+            host, host_floor = med(ttft["ucm"], n, "hit"), med(ttft["ucm"], n, "floor")
+            off, off_floor = med(ttft["offload"], n, "hit"), med(ttft["offload"], n, "floor")
+            ssd = med(ttft.get("ssd", {}), n, "ssd")
+            planned = med(ttft.get("ssd planned", {}), n, "ssd")
+            ph = [p for p in ttft.get("ssd planned", {}).get("phases", []) if p.get("length") == n]
+            loaded = ph[0].get("external", 0) / (args.prompts + 1) if ph else float("nan")
+            cells = [f"{nocache:.0f}", f"{floor:.0f}", f"{limit:.0f}", f"{off:.0f}", f"{off_floor:.0f}", f"{host:.0f}",
+                     f"{host_floor:.0f}", f"{ratio(host, limit):.2f}x", f"{ratio(host, off):.2f}",
+                     f"{host - host_floor:.0f}", f"{off - off_floor:.0f}",
+                     f"{ratio(med(ttft['ucm'], n, 'cold'), nocache):.2f}",
+                     f"{ratio(med(ttft['offload'], n, 'cold'), nocache):.2f}",
+                     f"{med(ttft.get('ucm layers', {}), n, 'hit'):.0f}",
+                     f"{med(ttft.get('ucm no planner', {}), n, 'hit'):.0f}", f"{ssd:.0f}", f"{ratio(ssd, nocache):.2f}",
+                     f"{planned:.0f}", f"{ratio(planned, nocache):.2f}", f"{loaded:.0f} of {n}"]
             lines.append(f"| {n} | " + " | ".join(cells) + " |")
         pairs = [(o, u) for o, u in [("offload", "ucm")] + [(f"offload #{r}", f"ucm #{r}") for r in range(2, 99)]
                  if "phases" in ttft.get(o, {}) and "phases" in ttft.get(u, {})]
         if len(pairs) > 1:
-            each = {n: [ratio(med(ttft[u], 2 * k + 1), med(ttft[o], 2 * k + 1)) for o, u in pairs]
-                    for k, n in enumerate(args.lengths)}
-            lines.append("\nucm host-tier hit / OffloadingConnector CPU-tier hit, each of "
-                         f"{len(pairs)} alternating pairs of fresh processes: " + "; ".join(
-                             f"{n}: {', '.join(f'{x:.2f}' for x in xs)}" for n, xs in each.items()))
+            lines.append(f"\nEach of {len(pairs)} alternating pairs of fresh processes (OffloadingConnector, then ucm), "
+                         "per prompt length: ucm host-tier hit / OffloadingConnector CPU-tier hit; then each one's "
+                         "hit less its own process's floor, ms (ucm / Offloading):")
+            for n in args.lengths:
+                raw = [ratio(med(ttft[u], n, "hit"), med(ttft[o], n, "hit")) for o, u in pairs]
+                cost = [(med(ttft[u], n, "hit") - med(ttft[u], n, "floor"),
+                         med(ttft[o], n, "hit") - med(ttft[o], n, "floor")) for o, u in pairs]
+                lines.append(f"- {n}: {', '.join(f'{x:.2f}' for x in raw)} (median {statistics.median(raw):.2f}); "
+                             f"over the floor {', '.join(f'{a:.0f} / {b:.0f}' for a, b in cost)}")
+        resets = {k: [p["reset"] for p in v.get("phases", []) if "reset" in p] for k, v in ttft.items()}
+        if any(not all(x) for x in resets.values()):
+            lines.append(f"\nvLLM refused to empty its prefix cache before some hit phases (those hits may be its "
+                         f"own): {resets}")
         ext = {k: [p.get("external") for p in v.get("phases", [])] for k, v in ttft.items()}
         lines.append(f"\nExternal tokens counted by vLLM per phase: {ext}")
         crashed = [f"{k}: {v['crash']}" for k, v in ttft.items() if "crash" in v]

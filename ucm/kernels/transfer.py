@@ -89,6 +89,7 @@ class HostTransfer:
         self._spans: dict[tuple[int, int], KVLayout] = {}  # (page offset, bytes) -> the layout of that span
         self._sides: dict[int, torch.cuda.Stream] = {}  # a load's stream -> the stream of its scatters
         self._arange: torch.Tensor | None = None  # 0, 1, ... on the device (_rows)
+        self.host_copies = 0  # host<->device copies enqueued so far, one per run of consecutive host slots
 
     def register_host(self, pages: torch.Tensor) -> bool:
         """Pin host memory the kernels read and write (the host tier's pages) with cudaHostRegister, so
@@ -174,6 +175,7 @@ class HostTransfer:
             if to_host:
                 pack(self.layout, idx, ring[:n])
             for k, length in _runs(chunk_slots):
+                self.host_copies += 1
                 host = pages[chunk_slots[k]:chunk_slots[k] + length, :size]
                 if to_host:
                     host.copy_(ring[k:k + length], non_blocking=True)
@@ -198,6 +200,7 @@ class HostTransfer:
             if freed[c % 2] is not None:
                 cur.wait_event(freed[c % 2])
             for k, length in _runs(part):
+                self.host_copies += 1
                 buf[k:k + length].copy_(pages[part[k]:part[k] + length, :size], non_blocking=True)
             if side is None:
                 unpack(self.layout, idx[start:start + len(part)], buf[:len(part)])
@@ -270,6 +273,7 @@ class HostTransfer:
         rows_at, host_at = flat.data_ptr(), view.data_ptr()
         for c, part, runs in batch.chunks(cap):
             rows = flat[:part * nbytes].view(part, nbytes)
+            self.host_copies += len(runs)
             for k, length in runs:
                 slot = batch.slots[c + k]
                 if use_dma:

@@ -61,6 +61,7 @@ class LoadResult:
     ssd: int = 0
     remote: int = 0
     seconds: float = 0.0
+    split: str = ""  # where a whole load's time went, for the debug log
 
 
 @dataclass
@@ -272,19 +273,25 @@ class WorkerSide:
         t0 = time.perf_counter()
         st = self.store.stats
         before = (st.host_hits, st.ssd_hits, st.remote_hits)  # loads run one at a time: the deltas are ours
+        copies = self.xfer.host_copies
         task = self.store.prepare_load(store_ids)
+        t1 = time.perf_counter()
         self.xfer.restore(task, vids)
+        t2 = time.perf_counter()
         self.store.wait(task)
+        t3 = time.perf_counter()
+        split = (f"pin {1e3 * (t1 - t0):.1f} ms, {self.xfer.host_copies - copies} host copies and wait "
+                 f"{1e3 * (t2 - t1):.1f} ms, verify {1e3 * (t3 - t2):.1f} ms")
         return LoadResult(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, st.host_hits - before[0],
-                          st.ssd_hits - before[1], st.remote_hits - before[2], time.perf_counter() - t0)
+                          st.ssd_hits - before[1], st.remote_hits - before[2], t3 - t0, split)
 
     def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
         r = self._copy_in(store_ids, vids)
         r.seconds = time.perf_counter() - t0
         self._count_load(r)
         ok = r.blocks - len(r.errors)
-        log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms", ok,
-                       ok * self.page_size >> 20, 1e3 * (time.perf_counter() - t0))
+        log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms (%s)", ok,
+                       ok * self.page_size >> 20, 1e3 * (time.perf_counter() - t0), r.split)
 
     def _load_async(self, store_ids: list[bytes], vids: list[int]) -> LoadResult:
         """An async load on the load thread; never raises (a failure fails its blocks)."""
@@ -319,8 +326,8 @@ class WorkerSide:
             r = a.future.result()
             self._count_load(r, in_step=False)
             ok = r.blocks - len(r.errors)
-            log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms (%d steps polled it running)",
-                           req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, a.polls)
+            log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms (%s; %d steps polled it "
+                           "running)", req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, r.split, a.polls)
         return done
 
     def _count_load(self, r: LoadResult, in_step: bool = True, whole: bool = True) -> None:
