@@ -6,14 +6,15 @@ configuration. Each configuration is one fresh process, which runs every prompt 
 
   plain             no connector, vLLM's prefix cache on: each prompt cold (no cache), then again
                     (vLLM's own in-memory hit: the floor, nothing to load)
-  offload           vLLM's OffloadingConnector (CPU tier, prefix cache off): cold, then again (CPU-tier hit)
-  ucm               UCMConnector, prefix cache off: cold (its saves on), then again (host-tier hit)
+  offload           vLLM's OffloadingConnector (CPU tier, prefix cache on): cold, prefix cache emptied, then
+                    again (CPU-tier hit), then once more (that process's floor)
+  ucm               UCMConnector, the same phases (host-tier hit)
   ucm ssd           UCMConnector in a fresh process, a new host tier, page cache dropped: SSD hits,
                     every hit loaded (`load_planner: false`), then again with the load planner
   --ablations       also ucm's host-tier hits loaded synchronously layer by layer (`load_mode: sync`) and
                     with the load planner off (no forward-pass timer), each its own process
-TTFT = wall time of generate(max_tokens=1) of one prompt, median over the prompts; each phase first runs
-one more prompt of its length, untimed (a process's first prompt of a shape pays one-time costs in every
+TTFT = wall time of generate(max_tokens=1) of one prompt (of n + TAIL tokens), median over the prompts; each
+phase first runs one more prompt of its length, untimed (a process's first prompt of a shape pays one-time costs in every
 configuration). Throughput: 64 prompts of 2K tokens and 64 generated tokens each in one generate call,
 (prompt + generated tokens)/s; the first batch of a process warms up and TIMED more batches of new prompts
 are timed, their median the process's figure (ucm warm: the first of them again, all from the host tier;
@@ -54,6 +55,8 @@ LLAMA3_8B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidd
 KV_PER_TOKEN = 32 * 2 * 8 * 128 * 2  # bytes: 128 KiB
 BATCH, BATCH_LEN, BATCH_GEN = 64, 2000, 64
 TIMED = 3  # timed batches per batch process (new prompts each); the process's figure is their median
+TAIL = 8  # TTFT prompts are n + TAIL tokens: half a block no tier holds, computed in every configuration (with
+# n a multiple of the block, vLLM's prefix cache lacks the last full block and a connector loads just it)
 
 
 def prompts(n: int, length: int, seed: int) -> list[list[int]]:
@@ -88,7 +91,7 @@ def child(spec: dict) -> dict:
         if phase.get("drop_caches"):
             subprocess.run("sync && echo 3 > /proc/sys/vm/drop_caches", shell=True, check=False)
         reset = _reset_prefix_cache(llm) if phase.get("reset_prefix") else None
-        ps = prompts(phase["n"], phase["length"], phase["seed"])
+        ps = prompts(phase["n"], phase["length"] + phase.get("tail", 0), phase["seed"])
         external0 = _external(llm)
         if phase.get("mark"):
             print(f"GPU-E2E-MARK {phase['mark']} {time.time()}", flush=True)
@@ -290,8 +293,8 @@ def main() -> None:
         plain_phases, cold_warm, warm = [], [], []
         n_all = args.prompts + 1  # one more prompt per phase: the first warms up, untimed
         for k, n in enumerate(args.lengths):
-            ph = lambda role, **kw: {"kind": "ttft", "n": n_all, "length": n, "seed": k, "warmup": True,  # noqa: E731
-                                     "role": role, **kw}
+            ph = lambda role, **kw: {"kind": "ttft", "n": n_all, "length": n, "tail": TAIL, "seed": k,  # noqa: E731
+                                     "warmup": True, "role": role, **kw}
             plain_phases += [ph("cold"), ph("floor", sleep=2)]
             # a connector's process: cold (its saves), vLLM's prefix cache emptied, the same prompts again (the
             # connector's hits), then once more (vLLM's own hits: the floor of this very process)
@@ -435,7 +438,9 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         lines += ["", "Host-tier hits: each connector's process (vLLM's prefix cache on) runs the prompts cold, empties "
                   "vLLM's prefix cache, runs them again (the connector's hit), then once more (vLLM's own hit: that "
                   "process's floor). The connector's cost is its hit less its own process's floor, which the "
-                  "process-to-process drift of eager launches (10-20%) leaves out.", "",
+                  "process-to-process drift of eager launches (10-20%) leaves out. Prompts are the length shown "
+                  f"plus {TAIL} tokens, which no tier holds (without them vLLM's prefix cache lacks the prompt's last "
+                  "block, and the floor would include a connector's load of it).", "",
                   "| prompt tokens | no cache ms | floor (vLLM prefix-cache hit) ms | copy limit ms | "
                   "OffloadingConnector CPU hit ms | its process's floor ms | ucm host-tier hit ms | its process's floor ms | "
                   "ucm host / copy limit | ucm host / Offloading | ucm cost over its floor ms | Offloading cost over its "

@@ -8,7 +8,8 @@ import random
 
 import pytest
 
-from ucm.integration.vllm.connector.planner import MARGIN, ClockMarks, ForwardTimer, LoadPlanner, StepTimes
+from ucm.integration.vllm.connector.planner import (ASYNC_DELAY_S, MARGIN, ClockMarks, ForwardTimer, LoadPlanner,
+                                                     StepTimes)
 from ucm.tiers.rates import MIN_LOAD_BYTES, Rates, StepCurve
 
 PAGE = 2 << 20  # Llama-3-8B, block 16, bf16: 2 MiB per block
@@ -41,8 +42,8 @@ def line(fixed, per_token, upto=1 << 17):
     return [(1, fixed + per_token), (upto, fixed + per_token * upto)]
 
 
-def planner(r, overlap="none", enabled=True):
-    return LoadPlanner(r, PAGE, BS, overlap, enabled)
+def planner(r, overlap="none", enabled=True, async_delay_s=0.0):
+    return LoadPlanner(r, PAGE, BS, overlap, enabled, async_delay_s=async_delay_s)
 
 
 def brute_force(p, tiers, tokens):
@@ -52,7 +53,8 @@ def brute_force(p, tiers, tokens):
         host = sum(PAGE / p.rates.bandwidth(t) for t in tiers[:k] if t == "host")
         other = sum(PAGE / p.rates.bandwidth(t) for t in tiers[:k] if t != "host")
         c = p.compute_seconds(max(1, tokens - k * BS))
-        out.append({"none": host + other + c, "ssd": host + max(other, c), "all": max(host + other, c)}[p.overlap])
+        fixed = p.async_delay_s if k else 0.0
+        out.append(fixed + {"none": host + other + c, "ssd": host + max(other, c), "all": max(host + other, c)}[p.overlap])
     return out
 
 
@@ -118,7 +120,8 @@ def test_the_planner_never_picks_a_plan_predicted_slower_than_recompute():
     for _ in range(300):
         r = rates(host=rng.uniform(0.5, 60) * GB, ssd=rng.uniform(0.05, 8) * GB, fixed=rng.uniform(0, 0.05),
                   per_token=rng.uniform(2e-6, 2e-4))
-        p = planner(r, rng.choice(["none", "ssd", "all"]))
+        overlap = rng.choice(["none", "ssd", "all"])
+        p = planner(r, overlap, async_delay_s=rng.choice([0.0, ASYNC_DELAY_S]) if overlap == "none" else 0.0)
         h = rng.randint(1, 300)
         cut = rng.randint(0, h)
         tiers = ["host"] * cut + ["ssd"] * (h - cut)
@@ -129,6 +132,21 @@ def test_the_planner_never_picks_a_plan_predicted_slower_than_recompute():
         if d.load_blocks:
             assert d.ttft_s <= (1 - MARGIN) * costs[0] + 1e-12
             assert d.ttft_s == pytest.approx(min(costs))
+
+
+def test_an_async_load_of_the_last_block_vllm_lacks_is_not_worth_its_steps():
+    """H200, vLLM 0.26, a repeated 8,000-token prompt: vLLM's prefix cache holds all but the last block
+    (it computes the last token itself), ucm holds that block. Loading it spares 15 tokens of a pass
+    that runs anyway, and an async load costs two engine steps: not loaded. The step curve of that run
+    priced 16 tokens 3 ms above 1 (its buckets' passes ran over prompts of other lengths), more than the
+    margin, and two of five such requests paid the two steps. A whole 2,000-token hit still loads."""
+    r = Rates(None, clock=Clock())
+    r.record_prefill([(1, 0.023), (16, 0.026), (2000, 0.050), (8000, 0.205)])
+    r.record_load("host", 1 << 30, (1 << 30) / (50 * GB))
+    assert planner(r).decide(["host"], 16).load_blocks == 1  # what the planner did without the delay
+    d = planner(r, async_delay_s=ASYNC_DELAY_S).decide(["host"], 16)
+    assert d.load_blocks == 0 and d.reason == "not worth loading"
+    assert planner(r, async_delay_s=ASYNC_DELAY_S).decide(["host"] * 125, 2000).load_blocks == 125
 
 
 def test_a_prompt_longer_than_a_step_is_priced_by_its_chunks():

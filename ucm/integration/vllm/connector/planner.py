@@ -11,6 +11,10 @@ vLLM already has, loading the first k blocks costs
 and the predicted time to the first token is L + C where the load comes before the forward pass, and
 max(L, C) where it overlaps it layer by layer (`overlap`: "none"; "ssd": SSD hits layer by layer, host
 hits before, as on vLLM's CPU build; "all": every hit layer by layer, as a GPU's synchronous loads).
+An asynchronous load also costs `async_delay_s` whatever its size: the request waits for the step that
+reports the load and for the one vLLM's async scheduling had already planned (ASYNC_DELAY_S, from the
+step trace). Without it the planner loaded a prompt's last block, 15 tokens, when vLLM's prefix cache
+held the rest: nothing saved (a pass of 1 or 16 tokens costs the same) for two more steps.
 The planner takes the k with the lowest prediction, and loads nothing unless that saves at least
 MARGIN of the recompute time (figures drift; a tie is not worth a load). While a figure it needs is
 unknown (nothing measured yet, or too old) it loads every hit, which measures it, with one exception:
@@ -43,6 +47,7 @@ import numpy as np
 from ucm.tiers.rates import Rates
 
 MARGIN = 0.1  # a load must be predicted to save this share of the recompute time
+ASYNC_DELAY_S = 0.003  # what an async load adds besides its copy: two engine steps (H200, vLLM 0.26: 2-4 ms)
 OVERLAPS = ("none", "ssd", "all")
 PROBE_S = 30.0  # a probe older than this no longer holds other requests back (its load did not measure)
 
@@ -103,14 +108,16 @@ class LoadDecision:
 
 class LoadPlanner:
     def __init__(self, rates: Rates, page_bytes: int, block_size: int, overlap: str = "none",
-                 enabled: bool = True, clock=time.monotonic, step_tokens: int | None = None):
+                 enabled: bool = True, clock=time.monotonic, step_tokens: int | None = None,
+                 async_delay_s: float = 0.0):
         """`step_tokens`: the most tokens vLLM computes in one step (max_num_batched_tokens): a longer
-        prompt is computed in chunks, and its time is theirs summed (None: one pass whatever its size)."""
+        prompt is computed in chunks, and its time is theirs summed (None: one pass whatever its size).
+        `async_delay_s`: the fixed cost of a load (seconds; ASYNC_DELAY_S where loads are asynchronous)."""
         if overlap not in OVERLAPS:
             raise ValueError(f"overlap must be one of {OVERLAPS}, got {overlap!r}")
         self.rates, self.page_bytes, self.block_size = rates, page_bytes, block_size
         self.overlap, self.enabled, self.clock = overlap, enabled, clock
-        self.step_tokens = step_tokens
+        self.step_tokens, self.async_delay_s = step_tokens, async_delay_s
         self._probes: dict[str, tuple[str, float]] = {}  # tier -> (request measuring it, since when)
 
     # ---- probes: one request at a time measures an unknown slow tier --------------------------------
@@ -185,6 +192,7 @@ class LoadPlanner:
             ttft = host_s + np.maximum(other_s, compute)
         else:
             ttft = host_s + other_s + compute
+        ttft[1:] += self.async_delay_s
         recompute, load_all = float(compute[0]), float(ttft[h])
         k = int(np.flatnonzero(ttft == ttft.min())[-1])  # the most blocks among the best plans
         ttft_k, load_s = float(ttft[k]), float(host_s[k] + other_s[k])

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from ucm.config import UCMConfig
 from ucm.integration.vllm.connector.metadata import Lookup, RequestMeta, RequestState, UCMConnectorMetadata
-from ucm.integration.vllm.connector.planner import LoadPlanner
+from ucm.integration.vllm.connector.planner import ASYNC_DELAY_S, LoadPlanner
 from ucm.integration.vllm.identity import BlockIdentity, request_salt
 from ucm.integration.vllm.connector.store_access import StoreAccess
 from ucm.logger import get_logger
@@ -67,7 +67,8 @@ class SchedulerSide:
         """The load planner (created with the store; the worker measures what it works from)."""
         if self._planner is None:
             self._planner = LoadPlanner(self._access.rates, self.page_size, self.block_size, self.overlap,
-                                        self.config.transfer.load_planner, step_tokens=self.step_tokens)
+                                        self.config.transfer.load_planner, step_tokens=self.step_tokens,
+                                        async_delay_s=ASYNC_DELAY_S if self.load_async else 0.0)
         return self._planner
 
     @property
