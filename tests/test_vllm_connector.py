@@ -225,7 +225,7 @@ def test_async_loads_hit_exactly_recompute_failed_blocks_and_heal(ref, ref_split
     # while a request waits for its load, vLLM runs steps that compute nothing; each waits for the load
     # (up to 20 ms, the GIL free) instead of spinning: a load polls a handful of steps, not thousands (before
     # the idle step came from the metadata, vLLM 0.32's idle steps spun ~9,400 times a load on this machine)
-    polls = [int(x) for x in re.findall(r"\((\d+) steps polled it running\)", warm["log"])]
+    polls = [int(x) for x in re.findall(r"; (\d+) steps polled it running\)", warm["log"])]
     assert len(polls) == 2 and max(polls) <= 50, polls
     assert [m.get(EXT) for m in warm["phase_metrics"]] == [A_BLOCKS * BLOCK] * 2
     assert warm["phase_metrics"][0].get(DISK) == A_BLOCKS * BLOCK
