@@ -61,7 +61,15 @@ class LoadResult:
     ssd: int = 0
     remote: int = 0
     seconds: float = 0.0
-    split: str = ""  # where a whole load's time went, for the debug log
+    split: tuple[float, int, float, float] | None = None  # a whole load's pin s, host copies, copy s, verify s
+
+    def where_time_went(self) -> str:
+        """For the debug log: how a whole load's time split."""
+        if self.split is None:
+            return "no split"
+        pin, copies, copy, verify = self.split
+        return (f"pin {1e3 * pin:.1f} ms, {copies} host copies and wait {1e3 * copy:.1f} ms, "
+                f"verify {1e3 * verify:.1f} ms")
 
 
 @dataclass
@@ -280,10 +288,9 @@ class WorkerSide:
         t2 = time.perf_counter()
         self.store.wait(task)
         t3 = time.perf_counter()
-        split = (f"pin {1e3 * (t1 - t0):.1f} ms, {self.xfer.host_copies - copies} host copies and wait "
-                 f"{1e3 * (t2 - t1):.1f} ms, verify {1e3 * (t3 - t2):.1f} ms")
         return LoadResult(len(store_ids), {vids[i]: why for i, why in task.errors.items()}, st.host_hits - before[0],
-                          st.ssd_hits - before[1], st.remote_hits - before[2], t3 - t0, split)
+                          st.ssd_hits - before[1], st.remote_hits - before[2], t3 - t0,
+                          (t1 - t0, self.xfer.host_copies - copies, t2 - t1, t3 - t2))
 
     def _load_whole(self, store_ids: list[bytes], vids: list[int], t0: float) -> None:
         r = self._copy_in(store_ids, vids)
@@ -291,7 +298,7 @@ class WorkerSide:
         self._count_load(r)
         ok = r.blocks - len(r.errors)
         log_load.debug("loaded %d blocks (%d MiB) before the forward pass in %.1f ms (%s)", ok,
-                       ok * self.page_size >> 20, 1e3 * (time.perf_counter() - t0), r.split)
+                       ok * self.page_size >> 20, 1e3 * (time.perf_counter() - t0), r.where_time_went())
 
     def _load_async(self, store_ids: list[bytes], vids: list[int]) -> LoadResult:
         """An async load on the load thread; never raises (a failure fails its blocks)."""
@@ -327,7 +334,8 @@ class WorkerSide:
             self._count_load(r, in_step=False)
             ok = r.blocks - len(r.errors)
             log_load.debug("req %s: async load of %d blocks (%d MiB) done in %.1f ms (%s; %d steps polled it "
-                           "running)", req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, r.split, a.polls)
+                           "running)", req_id, ok, ok * self.page_size >> 20, 1e3 * r.seconds, r.where_time_went(),
+                           a.polls)
         return done
 
     def _count_load(self, r: LoadResult, in_step: bool = True, whole: bool = True) -> None:
