@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+from ucm.config import TransferConfig
 from ucm.tools.debug import debug_connector
 from ucm.tools.model_export import ensure_model
 from ucm.integration.vllm.ucm_connector import RequestMeta, UCMConnectorMetadata
@@ -82,15 +83,17 @@ def test_layers_not_awaited_fail_the_blocks_and_turn_layerwise_off(stored):
 
 
 # ---- a GPU KV cache's path: host pages copied layer by layer (HostTransfer.from_host_groups) ------------
-def _host_layers_load(root, ids, wait_layers, break_copy=False):
+def _host_layers_load(root, ids, wait_layers, break_copy=False, group_bytes=0):
     """Load `ids` from the host tier they were saved to, through the GPU's layer-by-layer copy path
-    (run here on the CPU cache: its copies are done on return, the bookkeeping is the GPU's)."""
+    (run here on the CPU cache: its copies are done on return, the bookkeeping is the GPU's), in layer
+    groups of `group_bytes` of a page (0: one layer per group)."""
     from ucm.integration.vllm.connector.layers import layer_plan
 
     w = debug_connector(ensure_model(), "worker", _cfg(root, "host-a"))
     wk = w.worker
-    wk._gpu_layers, wk._layer_plan = True, layer_plan(wk.layout, 0)
-    assert len(wk._layer_plan.groups) == len(w.kv_caches), "one layer per group"
+    wk._gpu_layers, wk._layer_plan = True, layer_plan(wk.layout, group_bytes)
+    if group_bytes == 0:
+        assert len(wk._layer_plan.groups) == len(w.kv_caches), "one layer per group"
     if break_copy:
         def fail(*a, **k):
             raise RuntimeError("copy engine fault (injected)")
@@ -100,6 +103,7 @@ def _host_layers_load(root, ids, wait_layers, break_copy=False):
     for kv in w.kv_caches.values():
         kv[dst] = 0
     w.start_load_kv(None)
+    w.host_layers = wk._layered[0] if wk._layered is not None else None  # the HostLayers of this load
     for name in list(w.kv_caches)[:wait_layers]:
         w.wait_for_layer_load(name)
     errors = w.get_block_ids_with_load_errors()
@@ -118,9 +122,18 @@ def in_host(tmp_path):
     close_shared()
 
 
-def test_host_hits_copied_layer_by_layer_are_exact_and_counted(in_host):
+@pytest.mark.parametrize("group_bytes", [0, "default"])
+def test_host_hits_copied_layer_by_layer_are_exact_and_counted(in_host, group_bytes):
+    """One layer per group, and the groups a GPU worker uses by default (transfer.layer_read_size): the
+    forward pass's stream waits once per group, not once per layer (a device wait costs the host as much
+    as a layer's launch on the H200)."""
     root, ids, pages = in_host
-    w, dst, errors = _host_layers_load(root, ids, wait_layers=10**6)
+    if group_bytes == "default":
+        group_bytes = TransferConfig().layer_read_bytes
+    w, dst, errors = _host_layers_load(root, ids, wait_layers=10**6, group_bytes=group_bytes)
+    groups = len(w.worker._layer_plan.groups)
+    assert (groups == len(w.kv_caches)) == (group_bytes == 0) and groups > 2
+    assert w.host_layers.device_waits == groups
     assert errors == set()
     for name, kv in w.kv_caches.items():
         assert torch.equal(kv[dst], pages[name]), name

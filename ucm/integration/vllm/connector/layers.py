@@ -3,7 +3,7 @@
 A hit arrives layer group by layer group while the forward pass runs: layer l computes while layer
 l+1's bytes are still in flight (`wait_for_layer_load` waits for its group). A CPU KV cache reads SSD
 pages this way (ranged.RangedLoad, threads); a GPU KV cache copies host pages this way (`HostLayers`,
-one layer per group on a stream of its own, the forward pass waiting for each group on the device).
+on a stream of its own, the forward pass waiting for each group on the device).
 """
 
 from __future__ import annotations
@@ -65,10 +65,16 @@ class HostLayers:
 
     def __init__(self, store, task, copies: GroupCopies, plan: LayerPlan):
         self.store, self.task, self.copies, self.groups = store, task, copies, plan.groups
+        self.device_waits = 0  # groups the forward pass's stream was made to wait for
+        self._waited: set[int] = set()
 
     def wait_group(self, group: int) -> None:
-        """The forward pass's stream waits for the group on the device; the host goes on."""
-        self.copies.wait(group)
+        """The forward pass's stream waits for the group on the device; the host goes on. The later
+        layers of a group find their stream already waiting: one wait per group, not per layer."""
+        if group not in self._waited:
+            self._waited.add(group)
+            self.device_waits += 1
+            self.copies.wait(group)
 
     def finish(self) -> dict[int, str]:
         """Wait for every copy, then release and verify the pages; failed blocks (index -> why)."""

@@ -158,9 +158,7 @@ class WorkerSide:
         if self._saves:
             self.store.start_writer()  # a helper process starts while vLLM profiles and warms up
         self._layer_plan, self._gpu_layers = None, gpu
-        if self._layerwise and gpu:
-            self._layer_plan = layer_plan(self.layout, 0)
-        elif self._layerwise and self.store.ssd is not None:
+        if self._layerwise and (gpu or self.store.ssd is not None):
             self._layer_plan = layer_plan(self.layout, tc.layer_read_bytes)
         how = "hits load whole, before the forward pass"
         if self._layer_plan and gpu:
