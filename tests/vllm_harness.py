@@ -68,7 +68,10 @@ def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=Fa
     e = dict(os.environ)
     e.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0",
               "VLLM_CPU_OMP_THREADS_BIND": "0",  # the same threads with and without a connector
-              "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false"})
+              "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
+              # vLLM compiles its logprobs gather with torch.compile: 3.3 s of dynamo tracing in every process
+              # on this 2-core machine, for an op eager mode runs in microseconds
+              "TORCHDYNAMO_DISABLE": "1"})
     e.update(env or {})
     p = subprocess.run([sys.executable, os.path.join(HERE, "vllm_runner.py"), f.name], capture_output=True,
                        text=True, timeout=timeout, env=e)
