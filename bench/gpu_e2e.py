@@ -361,11 +361,10 @@ def main() -> None:
                                 "connector": "OffloadingConnector", "extra": {"cpu_bytes_to_use": gib << 30},
                                 "phases": cold + [prefill]}, log)
         ucm_batch = {**base, "prefix_caching": False, "connector": "UCMConnector"}
-        # warm: the first timed batch again. The tiers hold about two batches, and a host tier full of blocks not
-        # yet on the SSD (a disk slower than the engine's saves) refuses newer ones: the warm-up and first timed
-        # batches are the ones stored (the 2026-12-03 run took the last timed batch: 4 of its 64 prompts stored)
+        # warm: the last timed batch again, the newest in the host tier (it holds about two batches; when the disk
+        # writes slower than the engine saves, newer saves take the pages of the oldest unflushed blocks)
         batch["ucm"] = run({**ucm_batch, "name": "batch ucm", "extra": ucm(root, "batch", gib), "profile": mode,
-                            "phases": cold + [bt(seeds[0], sleep=2, role="warm"), prefill]}, log, spy)
+                            "phases": cold + [bt(seeds[-1], sleep=2, role="warm"), prefill]}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
         # every prompt only on the SSD (fresh process, a new host tier, page cache dropped), the load planner
         # on: two SSD hits of the warm-up batch's prompts measure the disk (an unknown figure loads), that whole

@@ -143,3 +143,35 @@ def test_a_wrong_writer_names_the_key(tmp_path, value):
     with pytest.raises(ConfigError, match="ssd.writer"):
         from_dict({"host": {"capacity": "1MiB", "path": str(tmp_path)},
                    "ssd": {"path": str(tmp_path / "s"), "capacity": "8MiB", "writer": value}}, source="x.yaml")
+
+
+def test_a_disk_slower_than_the_saves_keeps_the_newest_blocks_in_host_memory(tmp_path):
+    """The helper stopped (a disk that writes nothing for now): a host tier full of blocks not yet on the
+    SSD takes newer saves in place of its oldest unflushed blocks (sparing the writer's next runs), every
+    load is exact or a miss, and what the helper writes afterwards is exact; evictions are not failures."""
+    with TieredStore(config(tmp_path, host="4MiB", writer="process"), PAGE) as s:
+        assert s.flusher.wait_ready(60)
+        n = s.host.num_slots
+        spare = s._spare_unflushed
+        assert 0 < spare < n // 2
+        old = [bid(k, 6) for k in range(n)]
+        new = [bid(1000 + k, 6) for k in range(n // 2)]
+        os.kill(s.flusher.pid, signal.SIGSTOP)
+        try:
+            assert dump_commit(s, old) == old
+            s.host.refresh()
+            assert len(s.host.index.dirty) == n, "every page holds a block not yet on the SSD"
+            assert dump_commit(s, new) == new, "the newest saves must find room"
+            assert s.stats.unflushed_evicted == len(new) and s.stats.dump_failures == 0
+            kept = [b for b in old if b in s.host]
+            assert old[:spare] == kept[:spare], "the writer's next blocks are spared"
+            assert len(kept) == n - len(new)
+            assert load_check(s, new + kept) == (0, 0)
+        finally:
+            os.kill(s.flusher.pid, signal.SIGCONT)
+        s.flush(timeout=60)
+        assert s.stats.flush_failures == 0, s.stats.recent_errors
+        assert s.stats.flushed_blocks == len(new) + len(kept)
+    found, failed, wrong = _on_disk_only(tmp_path, old + new, ssd="8MiB")
+    assert (found, wrong) == (len(new) + len(kept), 0)
+    assert failed == len(old) - len(kept), "the evicted ones are misses, never wrong bytes"

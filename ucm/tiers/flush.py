@@ -1,7 +1,8 @@
 """Flushing: committed host-tier pages written to the SSD tier on I/O threads.
 
 A committed block is *unflushed* until its page is on the SSD (or the write failed). While unflushed it
-is dirty in the host tier's index, so no process evicts it before it reached the disk. `write_through`
+is dirty in the host tier's index: no process evicts it, unless the disk falls behind the saves and a
+newer block needs its page (index.SlotIndex.reserve); the flusher then finds it gone and moves on. `write_through`
 queues every commit; `write_back` queues the oldest unflushed blocks when the host tier is 80% full.
 Batches that queued up meanwhile are coalesced: one SSD reservation and one publish for all of them.
 """
@@ -17,6 +18,9 @@ from ucm.logger import get_logger
 from ucm.tiers.slab import SlabTier, page_checksum
 
 log = get_logger("Save")
+
+EVICTED = "evicted from host memory before the flush"
+REUSED = "host page reused during the flush"
 
 
 def background_priority() -> None:
@@ -125,8 +129,10 @@ class Flusher:
     def _flush(self, ids: list[bytes]) -> None:
         ssd = self.ssd
         ssd.refresh()
-        todo = [b for b in ids if b not in ssd]
+        self.host.refresh()
+        todo = [b for b in ids if b not in ssd and b in self.host]
         self._done([b for b in ids if b in ssd])
+        self._evicted([b for b in ids if b not in ssd and b not in self.host])
         if not todo:
             return
         try:
@@ -140,14 +146,23 @@ class Flusher:
         for part in self._io.map(self._write_run, _runs(todo[:len(slots)], slots, self.RUN_PAGES)):
             results += part
         done = [(b, s, cs) for b, s, cs in zip(todo, slots, results) if isinstance(cs, int)]
-        failed = [(b, s, why) for b, s, why in zip(todo, slots, results) if isinstance(why, str)]
+        gone = [(b, s) for b, s, why in zip(todo, slots, results) if why in (EVICTED, REUSED)]
+        failed = [(b, s, why) for b, s, why in zip(todo, slots, results) if isinstance(why, str) and why not in (EVICTED, REUSED)]
         if done:
             ssd.publish(done)
-        ssd.release([s for _, s, _ in failed])
+        ssd.release([s for _, s, _ in failed] + [s for _, s in gone])
         self._done([b for b, _, _ in done])
         self.stats.flushed_blocks += len(done)
+        self._evicted([b for b, _ in gone])
         if failed:
             self._failed([b for b, _, _ in failed], failed[0][2])
+
+    def _evicted(self, ids: list[bytes]) -> None:
+        """Blocks evicted from host memory before (or while) they were written: a newer save took their
+        page (index.reserve, when the disk falls behind). Not a failure: the store counted the eviction."""
+        if ids:
+            self._done(ids)
+            log.debug("%d blocks left host memory before they reached the SSD", len(ids))
 
     def _failed(self, ids: list[bytes], why: str) -> None:
         self._done(ids)  # stays in host memory, becomes evictable; never half-visible on SSD
@@ -159,7 +174,7 @@ class Flusher:
         """Copy host pages to consecutive SSD slots (one write); per block its checksum, or a string
         saying why not. Few Python steps per page: they hold the GIL the engine runs on."""
         ids, first = run
-        out: list = ["evicted from host memory before the flush"] * len(ids)
+        out: list = [EVICTED] * len(ids)
         pinned = self.host.pin_many(ids)
         try:
             live = [k for k, p in enumerate(pinned) if p is not None]
@@ -176,7 +191,7 @@ class Flusher:
             for k in live:
                 hslot, _, version = pinned[k]
                 checksum = page_checksum(views[k][:size])
-                out[k] = checksum if self.host.still_valid(hslot, version) else "host page reused during the flush"
+                out[k] = checksum if self.host.still_valid(hslot, version) else REUSED
             return out
         finally:
             for p in pinned:

@@ -126,6 +126,7 @@ class SlotIndex:
         self._scan_from = 0  # free_slots resumes here
         self._lock_fd = -1 if readonly else os.open(os.path.join(directory, "index.lock"), os.O_RDWR | os.O_CREAT, 0o600)
         self._locked = False
+        self.unflushed_evicted = 0  # dirty blocks this process evicted to make room (reserve)
         self._open_log()
         self.refresh()
 
@@ -273,17 +274,23 @@ class SlotIndex:
                     break
         return out
 
-    def reserve(self, count: int, pinned: set[int]) -> list[int]:
+    def reserve(self, count: int, pinned: set[int], spare_unflushed: int | None = None) -> list[int]:
         """Inside locked(): up to `count` slots for this process, evicting LRU blocks if needed.
 
-        Never evicted: `pinned` slots (in use by this process) and dirty blocks whose writer lives.
-        Returns fewer slots than asked when nothing more can be freed.
+        Never evicted: `pinned` slots (in use by this process). Clean blocks go first, oldest first; dirty
+        blocks (not yet in the next tier) whose writer lives go only when `spare_unflushed` is given and
+        clean ones do not make room: the oldest dirty blocks past the first `spare_unflushed` (the writer
+        is copying those now), counted in `unflushed_evicted`. A disk slower than the saves then costs the
+        SSD its oldest unwritten blocks rather than host memory its newest ones; a writer whose block goes
+        mid-copy finds the slot's version changed and drops its copy. Returns fewer slots than asked when
+        nothing more can be freed.
         """
         alive: dict[int, bool] = {}
         free = self.free_slots(count)
         if len(free) < count:
             free += self._reclaim_dead()
         victims: list[int] = []
+        unflushed: list[int] = []  # live writers' dirty blocks, oldest first
         if len(free) < count:
             for bid in list(self.lru):
                 if len(free) + len(victims) >= count:
@@ -296,8 +303,13 @@ class SlotIndex:
                     if writer not in alive:
                         alive[writer] = writer == self.owner or owner_alive(writer)
                     if alive[writer]:
+                        unflushed.append(slot)
                         continue
                 victims.append(slot)
+        if spare_unflushed is not None and len(free) + len(victims) < count:
+            taken = unflushed[spare_unflushed:][:count - len(free) - len(victims)]
+            victims += taken
+            self.unflushed_evicted += len(taken)
         for slot in victims:
             self._append(_pack(REC_FREE, slot))
         got = (free + victims)[:count]

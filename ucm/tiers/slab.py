@@ -518,11 +518,12 @@ class SlabTier:
             return self.index.version(slot) == version
 
     # ---- writes -------------------------------------------------------------------------------
-    def reserve(self, count: int) -> list[int]:
-        """Up to `count` slots reserved (and pinned) for this process; LRU clean blocks are evicted."""
+    def reserve(self, count: int, spare_unflushed: int | None = None) -> list[int]:
+        """Up to `count` slots reserved (and pinned) for this process; LRU clean blocks are evicted, and
+        with `spare_unflushed` given, unflushed ones past the oldest `spare_unflushed` too (index.reserve)."""
         with self.lock:
             with self.index.locked():
-                slots = self.index.reserve(count, set(self.pins))
+                slots = self.index.reserve(count, set(self.pins), spare_unflushed)
             for s in slots:
                 self.pins[s] += 1
         # memory for new slots is allocated outside the locks: the slots are reserved, nobody else uses them
@@ -534,7 +535,8 @@ class SlabTier:
 
     def publish(self, items: list[tuple[bytes, int, int]], dirty: bool = False) -> list[bool]:
         """Make (id, slot, checksum) visible; unpins. False where the id was already stored elsewhere.
-        `dirty` blocks are not evicted (while this process lives) until `mark_clean`."""
+        `dirty` blocks are not evicted (while this process lives) until `mark_clean`, unless a save finds
+        every page unflushed (SlotIndex.reserve)."""
         with self.lock:
             with self.index.locked():
                 ok = [self.index.publish(bid, slot, cs, dirty) for bid, slot, cs in items]

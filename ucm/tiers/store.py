@@ -173,6 +173,7 @@ class StoreStats:
     remote_hits: int = 0
     load_errors: int = 0
     dump_failures: int = 0
+    unflushed_evicted: int = 0  # blocks evicted from host memory before they reached the SSD (a slower disk)
     flushed_blocks: int = 0
     flush_failures: int = 0
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=32))
@@ -221,6 +222,8 @@ class TieredStore:
         self._pending: dict[bytes, int] = {}  # dumped, not committed: id -> host slot
         self._closed = False
         self._io = self.flusher = self.promoter = None
+        self._spare_unflushed: int | None = None  # no SSD: host blocks are never unflushed
+        self._evict_warned = 0.0
         if readonly:
             return
         self._io = ThreadPoolExecutor(config.io_threads, thread_name_prefix="ucm-io", initializer=background_priority)
@@ -229,6 +232,9 @@ class TieredStore:
             local = lambda: Flusher(self.host, self.ssd, self._io, self.stats, write_back)  # noqa: E731
             self.flusher = (FlushProcess(self.host, self.ssd, config.io_threads, self.stats, write_back, local)
                             if config.ssd.writer == "process" else local())
+            # a full host tier of unflushed blocks takes new saves in place of its oldest unflushed ones, but
+            # not the writer's next runs (Flusher.RUN_PAGES per I/O thread)
+            self._spare_unflushed = min(config.io_threads * Flusher.RUN_PAGES, self.host.num_slots // 4)
         self.promoter = Promoter(self.host, self.ssd, self.remote, self.flusher, self._io, config.io_threads,
                                  self.stats)
         log_store.info("store open: page %d B, host %d slots at %s%s, ssd %s, remote %s", page_size,
@@ -311,17 +317,25 @@ class TieredStore:
                     continue
                 seen.add(bid)
                 fresh.append(bid)
-            slots = self.host.reserve(len(fresh)) if fresh else []
+            evicted = self.host.index.unflushed_evicted
+            slots = self.host.reserve(len(fresh), self._spare_unflushed) if fresh else []
+            evicted = self.host.index.unflushed_evicted - evicted
             placed = dict(zip(fresh, slots))
             self._pending.update(placed)
+        if evicted:
+            self.stats.unflushed_evicted += evicted
+            if time.monotonic() - self._evict_warned > 10:
+                self._evict_warned = time.monotonic()
+                log_save.warning("the SSD writes slower than blocks are saved: %d blocks not yet on the SSD were "
+                                 "evicted from host memory for newer ones (%d so far; ucm stats)", evicted,
+                                 self.stats.unflushed_evicted)
         dropped = set(fresh[len(slots):])
         if dropped:
             self.stats.dump_failures += len(dropped)
-            log_save.warning("host tier full of blocks not yet flushed: %d of %d blocks not saved",
-                             len(dropped), len(fresh))
+            log_save.warning("host tier full of pages in use: %d of %d blocks not saved", len(dropped), len(fresh))
         for i, bid in enumerate(ids):
             if bid in dropped:
-                task.fail(i, "host tier full (every page holds a block not yet flushed to SSD)")
+                task.fail(i, "host tier full (every page in use: being read or written, or the SSD writer's next)")
             elif bid in placed:
                 task.placed.append((i, placed.pop(bid)))
         return task
@@ -361,7 +375,8 @@ class TieredStore:
                     continue
                 (publish if ok else release).append((bid, slot))
             if publish:
-                # dirty: a host block is not evicted (by any process) before it reached the SSD
+                # dirty: a host block is not evicted before it reached the SSD, unless the disk falls behind
+                # the saves and a newer block needs the page (SlotIndex.reserve)
                 flags = self.host.publish([(bid, slot, 0) for bid, slot in publish], dirty=self.ssd is not None)
                 fresh = [bid for (bid, _), ok in zip(publish, flags) if ok]
                 self.stats.dumped_blocks += len(fresh)

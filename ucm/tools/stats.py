@@ -126,6 +126,9 @@ def show(data: dict, as_json: bool = False, before: dict | None = None) -> None:
                   f"{c['load_errors']} load errors; saved {c['saved_blocks']} ({save_gbs:.2f} GB/s), "
                   f"{c['save_failures']} save failures; flushed to SSD {st['flushed_blocks']}, "
                   f"{st['flush_failures']} flush failures{_changes(rec, before)}")
+            if st.get("unflushed_evicted"):
+                print(f"  the SSD wrote slower than blocks were saved: {st['unflushed_evicted']} blocks left host "
+                      "memory for newer ones before they reached the SSD")
             if c.get("blend_reused_tokens"):
                 print(f"  blend: {c['blend_reused_tokens']} tokens reused at new positions (not a prefix), "
                       f"{c.get('blend_recomputed_tokens', 0)} of them recomputed after the check layer")
