@@ -26,7 +26,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	scripts/ensure-redis.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=25 -n 2 --dist loadfile tests
 
 gpu-test:  # on the GPU machine, after sourcing .gpu-stage/device-setup.sh (tests/gpu/README.md)
 	scripts/gpu-test.sh $(ARGS)

@@ -14,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 
-from vllm_harness import model_path
+from vllm_harness import model_path, omp_core
 
 
 def free_port() -> int:
@@ -38,7 +38,7 @@ class Server:
             cmd += ["--kv-transfer-config", json.dumps(ktc)]
         if not prefix_caching:
             cmd.append("--no-enable-prefix-caching")
-        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0", VLLM_LOGGING_LEVEL="WARNING")
+        env = dict(os.environ, VLLM_CPU_OMP_THREADS_BIND=omp_core(), VLLM_LOGGING_LEVEL="WARNING")
         self.log = tempfile.TemporaryFile("w+")  # the server's output, for failure messages
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 

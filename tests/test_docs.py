@@ -31,11 +31,12 @@ def test_serving_guide_runs(tmp_path):
     """docs/serving.md's bash block, as written: a server, a prompt, a restart, the SSD hit on /metrics."""
     from serving import free_port
     from ucm.tools.model_export import ensure_model
+    from vllm_harness import omp_core
 
     path = os.path.join(DOCS, "serving.md")
     assert [lang for lang, _ in blocks(path)].count("bash") == 1
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""),
-               UCM_DOCS_MODEL=ensure_model(), PORT=str(free_port()), VLLM_CPU_OMP_THREADS_BIND="0",
+               UCM_DOCS_MODEL=ensure_model(), PORT=str(free_port()), VLLM_CPU_OMP_THREADS_BIND=omp_core(),
                VLLM_LOGGING_LEVEL="WARNING")
     env.pop("UCM_CONFIG_FILE", None)
     p = subprocess.run([sys.executable, os.path.join(HERE, "docs_runner.py"), path], cwd=tmp_path, env=env,

@@ -53,6 +53,13 @@ def ucm_connector(root: str, *, host: str = "256MiB", ssd: str | None = "1GiB", 
     return c
 
 
+def omp_core() -> str:
+    """The core vLLM's compute threads are bound to (VLLM_CPU_OMP_THREADS_BIND): one per pytest-xdist
+    worker (`make test` runs two on CI's two cores; bound to one core, a vLLM run leaves the other idle)."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return str(int(worker[2:] or 0) % (os.cpu_count() or 1))
+
+
 def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=False, dtype="bfloat16",
              max_tokens=8, max_num_batched_tokens=None, kv_cache_bytes=256 << 20, max_model_len=4096, env=None,
              timeout=600, hooks=None, logprobs=1, close_store=True, model=None, engine=None, fault=None) -> dict:
@@ -67,7 +74,7 @@ def run_vllm(phases, *, connector=None, prefix_caching=False, multiprocessing=Fa
         json.dump(spec, f)
     e = dict(os.environ)
     e.update({"VLLM_ENABLE_V1_MULTIPROCESSING": "1" if multiprocessing else "0",
-              "VLLM_CPU_OMP_THREADS_BIND": "0",  # the same threads with and without a connector
+              "VLLM_CPU_OMP_THREADS_BIND": omp_core(),  # the same threads with and without a connector
               "VLLM_LOGGING_LEVEL": "WARNING", "TOKENIZERS_PARALLELISM": "false",
               # vLLM compiles its logprobs gather with torch.compile: 3.3 s of dynamo tracing in every process
               # on this 2-core machine, for an op eager mode runs in microseconds
