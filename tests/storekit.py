@@ -182,12 +182,61 @@ def perturb(path: str, offset: int, size: int, seed: int = 0) -> None:
         f.write(data)
 
 
+def tier_dir(ssd_root: str) -> str:
+    """The one page-size directory (p<page bytes>) of the SSD tier at ssd_root."""
+    (sub,) = [d for d in os.listdir(ssd_root) if d.startswith("p")]
+    return os.path.join(ssd_root, sub)
+
+
+def stored_ids(ssd_root: str, prompt: list[int]) -> list[bytes]:
+    """The store ids of a prompt's full blocks, under the one chain root recorded in the SSD tier's journal."""
+    from ucm.tools.doctor import recorded_chains
+
+    chains = recorded_chains(tier_dir(ssd_root), prompt)
+    assert len(chains) == 1, f"one chain root expected in {ssd_root}, found {list(chains)}"
+    return next(iter(chains.values()))[1]
+
+
+def worker_counters(ssd_root: str) -> list[dict]:
+    """The connector counters (`ucm stats`' source) of each worker process that wrote some to the SSD
+    tier's journal."""
+    from ucm.integration.vllm.journal import read_counters
+
+    return [c["connector"] for c in read_counters(tier_dir(ssd_root)) if c["role"].startswith("worker")]
+
+
+def forget_on_ssd(ssd_root: str, capacity: int, ids) -> None:
+    """Drop blocks from the SSD tier at ssd_root (`capacity` bytes, as configured), as its eviction
+    does: holes in a stored chain."""
+    from ucm.tiers.slab import SlabTier, TierSpec
+
+    page = int(os.path.basename(tier_dir(ssd_root))[1:])
+    tier = SlabTier(TierSpec("ssd", ssd_root, capacity, "file"), page)
+    try:
+        tier.evict(list(ids))
+    finally:
+        tier.close()
+
+
+def ssd_slot(ssd_root: str, capacity: int, block_id: bytes) -> int:
+    """The slot holding a committed block in the SSD tier at ssd_root (see forget_on_ssd)."""
+    from ucm.tiers.index import SlotIndex
+    from ucm.tiers.slab import round_up
+
+    d = tier_dir(ssd_root)
+    index = SlotIndex(d, capacity // round_up(int(os.path.basename(d)[1:])), readonly=True)
+    try:
+        return index.entries[block_id].slot
+    finally:
+        index.close()
+
+
 def slots_in_put_order(ssd_root):
     """Slots of the SSD tier's committed blocks, in the order they were published."""
-    sub = next(d for d in os.listdir(ssd_root) if d.startswith("p"))
-    data = open(os.path.join(ssd_root, sub, "index.log"), "rb").read()
+    d = tier_dir(ssd_root)
+    data = open(os.path.join(d, "index.log"), "rb").read()
     slots = [struct.unpack_from("<BBHI", data, k)[3] for k in range(0, len(data), 64) if data[k] == 2]
-    return os.path.join(ssd_root, sub), slots
+    return d, slots
 
 
 def slot_place(tier_dir, slot):

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from storekit import flip_bits, perturb, slot_place, slots_in_put_order
+from storekit import flip_bits, forget_on_ssd, perturb, slot_place, slots_in_put_order, stored_ids
 from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
 
 from ucm.integration.vllm.connector.config import connector_config
@@ -112,6 +112,26 @@ def test_partial_prefix_and_extended_prompt(stored_a):
     assert r["phase_metrics"][1].get(EXT) == A_BLOCKS * BLOCK, "C extends A: all of A's full blocks hit"
     assert_identical(r["phases"][0], ref["phases"][2])
     assert_identical(r["phases"][1], ref["phases"][3])
+
+
+def test_a_hole_in_a_stored_chain_ends_the_hit_there_and_doctor_names_it(stored_a, tmp_path):
+    """Block 7 of A evicted from the SSD (as its LRU would, blocks 8 on still stored): A loads blocks 0-6
+    and computes the rest, exactly as vLLM's prefix cache over 7 blocks computed by a prefill of A's
+    length; `ucm doctor` names the broken chain."""
+    root, mp, _ = stored_a
+    if mp:
+        pytest.skip("holes are checked in single-process mode")
+    want = run_vllm([[A[:7 * BLOCK] + prompt_tokens(len(A) - 7 * BLOCK, 2100)], [A]], prefix_caching=True)
+    assert want["phase_metrics"][1]["vllm:prompt_tokens_by_source{source=local_cache_hit}"] == 7 * BLOCK
+    ssd = os.path.join(str(tmp_path), "ssd")
+    shutil.copytree(os.path.join(root, "ssd"), ssd)
+    forget_on_ssd(ssd, 1 << 30, [stored_ids(ssd, A)[7]])
+    c = warm_connector(str(tmp_path), "hole", False)
+    why = " ".join(diagnose(connector_config(c["extra"]), A).reasons)
+    assert "chain broken: blocks 0..6 are stored, block 7 is not, and 1 later blocks are" in why, why
+    r = run_vllm([[A]], connector=c)
+    assert r["phase_metrics"][0].get(DISK) == 7 * BLOCK
+    assert_identical(r["phases"][0], want["phases"][1])
 
 
 def test_host_tier_only_hits_within_one_process(ref, tmp_path):

@@ -11,7 +11,8 @@ SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?
        "close_store"?: false (exit without closing the store, as an exit that skips atexit does),
        "engine"?: {more LLM(...) keyword arguments}, "fault"?: "wrong_slot" (the first whole load of two
                   or more blocks copies its first page into the second block's slot too: a block loaded
-                  into the wrong slot, for negative controls),
+                  into the wrong slot, for negative controls) or "layer_copy_fails" (the first layer-group
+                  load enqueues its first groups' copies, then its copy engine raises),
        "hold"?: true (after the result line, print UCM-HOLDING and wait for a signal)}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens", "first_top"}, ...], ...], "seconds": [per phase],
@@ -55,6 +56,27 @@ def _load_into_wrong_slot() -> None:
     HostTransfer.from_host = from_host
 
 
+def _layer_copy_fails() -> None:
+    """A fault the GPU cannot be made to produce: the first layer-group load (HostTransfer.from_host_groups)
+    enqueues the copies of its first half of groups, then raises, as a copy engine failing in the middle
+    of a load would. Single-process mode only."""
+    from ucm.kernels.transfer import HostTransfer
+
+    original, done = HostTransfer.from_host_groups, []
+
+    def from_host_groups(self, batches, spans):
+        if done:
+            return original(self, batches, spans)
+        done.append(True)
+        original(self, batches, spans[:max(1, len(spans) // 2)])
+        raise RuntimeError(f"copy engine fault (injected) after {max(1, len(spans) // 2)} of {len(spans)} groups")
+
+    HostTransfer.from_host_groups = from_host_groups
+
+
+FAULTS = {"wrong_slot": _load_into_wrong_slot, "layer_copy_fails": _layer_copy_fails}
+
+
 def main() -> None:
     spec = json.load(open(sys.argv[1]))
     from vllm import LLM, SamplingParams
@@ -69,8 +91,8 @@ def main() -> None:
         kw["max_num_batched_tokens"] = spec["max_num_batched_tokens"]
         kw["enable_chunked_prefill"] = True
     kw.update(spec.get("engine") or {})
-    if spec.get("fault") == "wrong_slot":
-        _load_into_wrong_slot()
+    if spec.get("fault"):
+        FAULTS[spec["fault"]]()
     c = spec.get("connector")
     if c:
         kw["kv_transfer_config"] = KVTransferConfig(kv_connector=c["kv_connector"], kv_role=c.get("kv_role", "kv_both"),

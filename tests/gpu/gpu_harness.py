@@ -23,6 +23,7 @@ CONFIG = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_
           "rope_theta": 100000.0, "torch_dtype": "bfloat16", "tie_word_embeddings": True, "bos_token_id": 1,
           "eos_token_id": 2, "hidden_act": "silu"}
 PAGE = 30 * 2 * BLOCK * 3 * 64 * 2
+SSD_CAPACITY = 4 << 30  # connector()'s default SSD tier, bytes
 
 
 def model_dir(root: str = "/tmp/ucm-gpu-model") -> str:
@@ -80,7 +81,7 @@ def run(phases, **kw) -> dict:
     return run_vllm(phases, model=model_dir(), engine={**ENGINE, **kw.pop("engine", {})}, **kw)
 
 
-def connector(root: str, *, host: str = "1GiB", ssd: str | None = "4GiB", host_dir: str = "host",
+def connector(root: str, *, host: str = "1GiB", ssd: str | None = f"{SSD_CAPACITY}B", host_dir: str = "host",
               module_path: bool = False, planner: bool = False, **extra) -> dict:
     """`planner`: transfer.load_planner, off unless a test is about it (the tests count exact hits; the
     planner would rightly skip hits from this machine's 1.1 GB/s disk)."""

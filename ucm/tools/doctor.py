@@ -10,6 +10,8 @@ and name the likely reasons for misses:
                                     KV layout or TP size (the differing fields are named)
 - cache_salt                        the stored requests used a salt (a tenant key): same salt, or no hit
 - prompt diverges                   the first k blocks are stored, then the prompt differs from them
+- chain broken                      block k is missing but later blocks are stored (evicted, or dropped
+                                    after a failed load): a hit ends at block k
 - vLLM's own prefix cache           the blocks are stored, but vLLM already had them (the journal shows
                                     it), so ucm had nothing to load
 - remote tier unreachable           lookups count the server's blocks as misses until it is back
@@ -68,6 +70,17 @@ def _seed(fields: dict) -> HashSeed:
     return HashSeed(**{k: fields[k] for k in SEED_FIELDS if k in fields}, tp_rank=fields.get("tp_rank", 0))
 
 
+def recorded_chains(storage_path: str, tokens: list[int], salt: str | None = None
+                    ) -> dict[str, tuple[BlockIdentity, list[bytes]]]:
+    """Root prefix -> (its identity, the store ids of the prompt's full blocks under it, rank 0's), for
+    every chain root recorded in the journal of the store at `storage_path`."""
+    out = {}
+    for root, fields in read_seeds(storage_path).items():
+        identity = BlockIdentity.from_seed(_seed(fields))
+        out[root] = identity, identity.chain(tokens, salt_string(salt))
+    return out
+
+
 def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, dtype: str | None = None,
              block_size: int | None = None, tp_size: int | None = None, salt: str | None = None) -> Diagnosis:
     """Look the prompt up under every recorded root, with the ids the connector gives it (identity.py:
@@ -84,9 +97,7 @@ def diagnose(config: UCMConfig, tokens: list[int], *, model: str | None = None, 
                 diag.store_blocks[tier] = diag.store_blocks.get(tier, 0) + u.get("blocks", 0)
             if store.remote is not None and not store.remote.up:
                 diag.remote_down = store.remote.where
-            for root, fields in read_seeds(store.storage_path).items():
-                identity = BlockIdentity.from_seed(_seed(fields))
-                ids = identity.chain(tokens, salt_string(salt))
+            for root, (identity, ids) in recorded_chains(store.storage_path, tokens, salt).items():
                 if not ids:
                     continue
                 per_rank = {r: store.where(identity.for_rank(ids, r)) for r in identity.ranks()}
@@ -145,10 +156,15 @@ def _explain(diag: Diagnosis, config: UCMConfig, tokens: list[int], **want) -> N
             r.append("not stored: none of the prompt's blocks is in the store under any recorded root "
                      "(never sent, evicted, or the text/tokenization differs)")
         return
-    if lead < len(where):
+    if lead < found:
+        r.append(f"chain broken: blocks 0..{lead - 1} are stored, block {lead} is not, and {found - lead} later blocks "
+                 f"are: block {lead} was evicted (or dropped after a failed load); a hit ends at the first missing "
+                 f"block, so the next request loads {lead * bs} tokens and recomputes from there" if lead else
+                 f"chain broken at block 0: {found} later blocks are stored, but a hit starts at block 0, so "
+                 "nothing loads until a request stores block 0 again")
+    elif lead < len(where):
         r.append(f"prompt diverges: blocks 0..{lead - 1} are stored, block {lead} is not: the prompt differs from "
-                 f"the stored ones at or after token {lead * bs}" if lead else
-                 "first block missing: a block inside the prompt is stored but the chain breaks at block 0")
+                 f"the stored ones at or after token {lead * bs}")
     first = _first_id(diag, root, tokens, salt)
     mine = [x for x in lookups if x.get("first") == first]
     if mine and found:
