@@ -263,7 +263,8 @@ def main() -> None:
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
     ap.add_argument("--repeat", type=int, default=1, help="batch: run no connector and ucm (cold) this many times; "
                     "TTFT: OffloadingConnector and ucm; alternating, each in a fresh process")
-    ap.add_argument("--ucm-debug", action="store_true", help="keep the ucm TTFT processes' debug logs under $OUT")
+    ap.add_argument("--ucm-debug", action="store_true",
+                    help='keep the debug logs of the ucm TTFT processes and of "batch ucm" under $OUT')
     ap.add_argument("--only", nargs="+", default=[], help='configurations to run, e.g. "batch ucm" "ttft offload"')
     ap.add_argument("--log", default=os.path.join(os.environ.get("OUT", "/tmp"), "gpu_e2e.log"))
     args = ap.parse_args()
@@ -363,8 +364,9 @@ def main() -> None:
         ucm_batch = {**base, "prefix_caching": False, "connector": "UCMConnector"}
         # warm: the last timed batch again, the newest in the host tier (it holds about two batches; when the disk
         # writes slower than the engine saves, newer saves take the pages of the oldest unflushed blocks)
+        warm = bt(seeds[-1], sleep=2, role="warm")
         batch["ucm"] = run({**ucm_batch, "name": "batch ucm", "extra": ucm(root, "batch", gib), "profile": mode,
-                            "phases": cold + [bt(seeds[-1], sleep=2, role="warm"), prefill]}, log, spy)
+                            "debug": args.ucm_debug, "phases": cold + [warm, prefill]}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
         # every prompt only on the SSD (fresh process, a new host tier, page cache dropped), the load planner
         # on: two SSD hits of the warm-up batch's prompts measure the disk (an unknown figure loads), that whole
@@ -391,8 +393,9 @@ def main() -> None:
             for k, (name, v) in enumerate(variants.items()):
                 root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
                 extra = ucm(root, f"batch-{k}", gib, ssd=v.pop("ssd", True), writer=v.pop("writer", "process"))
+                saves = v.get("role") != "kv_consumer"  # then the last timed batch again, from the host tier
                 batch[name] = run({**ucm_batch, **v, "name": f"batch ucm {name}", "extra": extra,
-                                   "phases": cold + [prefill]}, log, spy if "profile" in v else None)
+                                   "phases": cold + [warm] * saves + [prefill]}, log, spy if "profile" in v else None)
                 shutil.rmtree(os.path.join(shm, f"batch-{k}"), ignore_errors=True)
                 shutil.rmtree(root, ignore_errors=True)
     root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
@@ -514,10 +517,12 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
         lines += ["", f"Batch of {BATCH} x {BATCH_LEN}-token prompts, {BATCH_GEN} generated tokens each "
                   f"((prompt + generated) tokens/s). Each process: a warm-up batch, then {TIMED} timed batches of new "
                   "prompts (the median is shown; every one in the raw JSON), then a prefill-only batch of new prompts "
-                  "(one token each); ucm warm: the first timed batch again:",
+                  "(one token each); then (ucm processes that save) the last timed batch again, 2 s later:",
                   "", "| configuration | tokens/s | vs no connector | prefill only vs no connector | external tokens |",
                   "|---|---|---|---|---|"]
         for key, r in batch.items():
+            if r.get("skipped"):  # not picked by --only
+                continue
             if key == "ucm ssd":
                 e = ext(r, "ssd")
                 if "phases" in r:  # no hit while measuring: no figure, every prompt loads
@@ -528,8 +533,8 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
             label = names.get(base_key, base_key) + (f" (process {rep} of each)" if rep else "")
             lines.append(f"| {label} | {tps(r, 'timed'):.0f} | {div(tps(r, 'timed'), plain):.2f} | "
                          f"{div(tps(r, 'prefill'), plain_prefill):.2f} | {ext(r, 'timed')} |")
-            if key == "ucm" and "phases" in r:
-                lines.append(f"| ucm, every prompt in the host tier | {tps(r, 'warm'):.0f} | "
+            if each_tps(r, "warm"):
+                lines.append(f"| {label}: then every prompt in the host tier | {tps(r, 'warm'):.0f} | "
                              f"{div(tps(r, 'warm'), plain):.2f} | | {ext(r, 'warm')} |")
         pairs = [(batch[p], batch[u]) for p, u in [("plain", "ucm")] + [(f"plain #{r}", f"ucm #{r}") for r in range(2, 99)]
                  if p in batch and u in batch]

@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import TYPE_CHECKING
 
 from ucm.config import UCMConfig
@@ -102,7 +103,7 @@ class SchedulerSide:
         hits = self.hit_blocks(ids) if self.loads else 0
         hit_tokens = min(hits * bs, n_tokens - 1)  # vLLM must compute the last token itself
         first = num_computed_tokens // bs
-        plan = None
+        plan, tiers = None, []
         if hit_tokens > num_computed_tokens:
             # local tiers only: a hit that is in neither is the remote tier's (lookup_prefix asked it)
             where = self.store.where(self.identity.for_rank(ids[first:-(-hit_tokens // bs)], 0), remote=False)
@@ -118,9 +119,10 @@ class SchedulerSide:
             if not external:
                 st.lookup.load_range = None
         st.load_async = bool(external) and self.load_async
-        log.debug("req %s: %d tokens, %d full blocks, %d in ucm, %d computed by vLLM -> load %d tokens%s "
-                  "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits, num_computed_tokens,
-                  external, " async" if st.load_async else "", 1e3 * (time.perf_counter() - t0))
+        log.debug("req %s: %d tokens, %d full blocks, %d in ucm (%s), %d computed by vLLM -> load %d tokens%s "
+                  "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits,
+                  ", ".join(f"{n} {t}" for t, n in Counter(tiers).items()) or "none past vLLM's",
+                  num_computed_tokens, external, " async" if st.load_async else "", 1e3 * (time.perf_counter() - t0))
         return external, st.load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
