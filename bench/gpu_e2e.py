@@ -259,6 +259,7 @@ def main() -> None:
     ap.add_argument("--no-batch", action="store_true")
     ap.add_argument("--ablations", action="store_true", help="also the TTFT and batch variants that split ucm's costs")
     ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
+    ap.add_argument("--spy-warm", action="store_true", help="with --py-spy: profile ucm's warm batch, not its first timed one")
     ap.add_argument("--profile", default="idle", choices=sorted(PROFILE_FLAGS), help="py-spy's mode for plain and ucm")
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
     ap.add_argument("--repeat", type=int, default=1, help="batch: run no connector and ucm (cold) this many times; "
@@ -365,8 +366,11 @@ def main() -> None:
         # warm: the last timed batch again, the newest in the host tier (it holds about two batches; when the disk
         # writes slower than the engine saves, newer saves take the pages of the oldest unflushed blocks)
         warm = bt(seeds[-1], sleep=2, role="warm")
+        phases = cold + [warm, prefill]
+        if args.spy_warm:  # py-spy samples ucm's warm batch instead of its first timed one
+            phases = [{k: v for k, v in ph.items() if k != "mark"} for ph in cold] + [{**warm, "mark": "warm"}, prefill]
         batch["ucm"] = run({**ucm_batch, "name": "batch ucm", "extra": ucm(root, "batch", gib), "profile": mode,
-                            "debug": args.ucm_debug, "phases": cold + [warm, prefill]}, log, spy)
+                            "debug": args.ucm_debug, "phases": phases}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
         # every prompt only on the SSD (fresh process, a new host tier, page cache dropped), the load planner
         # on: two SSD hits of the warm-up batch's prompts measure the disk (an unknown figure loads), that whole
@@ -551,7 +555,8 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
             lines.append(f"\ncrashed: {crashed}")
         for k, r in batch.items():
             if "profile" in r:
-                lines.append(f"\npy-spy of the timed batch, {k}: {json.dumps(r['profile'])}")
+                lines.append(f"\npy-spy of the marked batch (the first timed one; ucm's warm one with --spy-warm), "
+                             f"{k}: {json.dumps(r['profile'])}")
     write_results(args.results, lines)
     out = os.environ.get("OUT")
     if out:
