@@ -259,7 +259,8 @@ def main() -> None:
     ap.add_argument("--no-batch", action="store_true")
     ap.add_argument("--ablations", action="store_true", help="also the TTFT and batch variants that split ucm's costs")
     ap.add_argument("--py-spy", help="py-spy binary: profile the timed batch of plain and ucm")
-    ap.add_argument("--spy-warm", action="store_true", help="with --py-spy: profile ucm's warm batch, not its first timed one")
+    ap.add_argument("--spy-warm", action="store_true",
+                    help="with --py-spy: profile ucm's warm batch, not its first timed one")
     ap.add_argument("--profile", default="idle", choices=sorted(PROFILE_FLAGS), help="py-spy's mode for plain and ucm")
     ap.add_argument("--results", default="gpu_e2e.md", help="table file under bench/results")
     ap.add_argument("--repeat", type=int, default=1, help="batch: run no connector and ucm (cold) this many times; "
@@ -365,10 +366,11 @@ def main() -> None:
         ucm_batch = {**base, "prefix_caching": False, "connector": "UCMConnector"}
         # warm: the last timed batch again, the newest in the host tier (it holds about two batches; when the disk
         # writes slower than the engine saves, newer saves take the pages of the oldest unflushed blocks)
-        warm = bt(seeds[-1], sleep=2, role="warm")
-        phases = cold + [warm, prefill]
+        warm_batch = bt(seeds[-1], sleep=2, role="warm")
+        phases = cold + [warm_batch, prefill]
         if args.spy_warm:  # py-spy samples ucm's warm batch instead of its first timed one
-            phases = [{k: v for k, v in ph.items() if k != "mark"} for ph in cold] + [{**warm, "mark": "warm"}, prefill]
+            unmarked = [{k: v for k, v in ph.items() if k != "mark"} for ph in cold]
+            phases = unmarked + [{**warm_batch, "mark": "warm"}, prefill]
         batch["ucm"] = run({**ucm_batch, "name": "batch ucm", "extra": ucm(root, "batch", gib), "profile": mode,
                             "debug": args.ucm_debug, "phases": phases}, log, spy)
         shutil.rmtree(os.path.join(shm, "batch"), ignore_errors=True)
@@ -399,7 +401,8 @@ def main() -> None:
                 extra = ucm(root, f"batch-{k}", gib, ssd=v.pop("ssd", True), writer=v.pop("writer", "process"))
                 saves = v.get("role") != "kv_consumer"  # then the last timed batch again, from the host tier
                 batch[name] = run({**ucm_batch, **v, "name": f"batch ucm {name}", "extra": extra,
-                                   "phases": cold + [warm] * saves + [prefill]}, log, spy if "profile" in v else None)
+                                   "phases": cold + [warm_batch] * saves + [prefill]},
+                                  log, spy if "profile" in v else None)
                 shutil.rmtree(os.path.join(shm, f"batch-{k}"), ignore_errors=True)
                 shutil.rmtree(root, ignore_errors=True)
     root = tempfile.mkdtemp(prefix="ucm-gpu-e2e-", dir=args.disk)
@@ -435,6 +438,7 @@ def table(args, ttft: dict, batch: dict, h2d: float, d2h: float, ddr: float, ddw
              f"{' --no-ttft' if args.no_ttft else ''}{' --no-batch' if args.no_batch else ''}"
              f"{' --ablations' if args.ablations else ''}{f' --repeat {args.repeat}' if args.repeat > 1 else ''}"
              f"{' --ucm-debug' if args.ucm_debug else ''}"
+             f"{f' --py-spy PY_SPY --profile {args.profile}' if args.py_spy else ''}{' --spy-warm' if args.spy_warm else ''}"
              f"{' --results ' + args.results if args.results != 'gpu_e2e.md' else ''}"
              f"{' --only ' + ' '.join(repr(o) for o in args.only) if args.only else ''}` on the GPU machine "
              "(tests/gpu/README.md for the vLLM bundle).",
