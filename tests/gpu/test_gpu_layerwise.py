@@ -112,7 +112,7 @@ def test_a_hit_across_tiers_loads_up_to_its_first_hole(ref, stored, tmp_path):
     assert_identical(r["phases"][0], ref["phases"][2])
     assert_identical(r["phases"][1], want["phases"][1])
     t = worker_totals(root)
-    assert (t["ssd_hit_blocks"], t["host_hit_blocks"], t["load_errors"]) == (NB + HOLE - NB, NB, 0), t
+    assert (t["ssd_hit_blocks"], t["host_hit_blocks"], t["load_errors"]) == (HOLE, NB, 0), t  # SSD: B's 20, then C's 20-27
 
 
 def test_a_damaged_page_inside_a_layer_group_load_is_recomputed_exactly_and_healed(stored, tmp_path):

@@ -24,6 +24,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from typing import TYPE_CHECKING
@@ -119,10 +120,12 @@ class SchedulerSide:
             if not external:
                 st.lookup.load_range = None
         st.load_async = bool(external) and self.load_async
-        log.debug("req %s: %d tokens, %d full blocks, %d in ucm (%s), %d computed by vLLM -> load %d tokens%s "
-                  "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits,
-                  ", ".join(f"{n} {t}" for t, n in Counter(tiers).items()) or "none past vLLM's",
-                  num_computed_tokens, external, " async" if st.load_async else "", 1e3 * (time.perf_counter() - t0))
+        if log.isEnabledFor(logging.DEBUG):  # the tier summary costs a pass over the hit: not on every lookup
+            log.debug("req %s: %d tokens, %d full blocks, %d in ucm (%s), %d computed by vLLM -> load %d tokens%s "
+                      "(lookup %.2f ms)", request.request_id, n_tokens, len(ids), hits,
+                      ", ".join(f"{n} {t}" for t, n in Counter(tiers).items()) or "none past vLLM's",
+                      num_computed_tokens, external, " async" if st.load_async else "",
+                      1e3 * (time.perf_counter() - t0))
         return external, st.load_async
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks", num_external_tokens: int):
