@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU tests on a machine with a CUDA GPU and vLLM's GPU build on the path (tests/gpu/README.md).
 #
-#   scripts/gpu-test.sh            every GPU test, in eight groups run side by side (one pytest each)
+#   scripts/gpu-test.sh            every GPU test, in eleven groups run side by side (one pytest each)
 #   scripts/gpu-test.sh ARGS...    one pytest over tests/gpu with ARGS (e.g. -k "chunked")
 #
 # Logs: $OUT/gpu-test.log (or /tmp), one section per group. Exit status: 0 only if every group passed.
@@ -26,7 +26,7 @@ group() {  # one pytest in the background: its log and exit status under /tmp, n
       >"/tmp/ucm-gpu-test-g$i.log" 2>&1; echo $? >"/tmp/ucm-gpu-test-g$i.rc" ) &
   n=$((n + 1))
 }
-c=tests/gpu/test_gpu_connector.py l=tests/gpu/test_gpu_layerwise.py
+c=tests/gpu/test_gpu_connector.py l=tests/gpu/test_gpu_layerwise.py b=tests/gpu/test_gpu_blend.py
 group -m gpu "$c" -k "warm_fresh or wrong_load or direct_transfer"
 group -m gpu "$c" -k corrupted
 group -m gpu "$c" -k chunked
@@ -34,6 +34,9 @@ group -m gpu "$c" -k "working_set or preemption"
 group -m gpu "$l" -k layer_group_loads
 group -m gpu "$l" -k "first_hole or copy_fault"
 group -m gpu "$l" -k damaged_page
+group -m gpu "$b" -k "full_recompute"
+group -m gpu "$b" -k "never_a_prefix or chunked"
+group -m gpu "$b" -k "default_ratio or alone_and_in_a_batch"
 group tests/test_kernels.py tests/test_transfer_store.py tests/test_rope.py
 wait
 rc=0

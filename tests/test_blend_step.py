@@ -103,7 +103,7 @@ def test_nothing_reused_means_no_subset():
 
 def test_query_runs_are_consecutive_positions_of_one_request():
     step, _ = _step(ratio=0.0)
-    step.sel = torch.tensor([0, 1, 2, 5, 6, 9, 10, 11])
+    step.sel = step.sel_cpu = torch.tensor([0, 1, 2, 5, 6, 9, 10, 11])
     step.sel_positions = torch.tensor([0, 1, 2, 5, 6, 0, 1, 7])  # two requests: batch rows 0-8 and 9-11
     qsl, seq_lens, req = step._query_runs(torch.tensor([0, 9, 12]))
     assert qsl.tolist() == [0, 3, 5, 7, 8] and seq_lens.tolist() == [3, 7, 2, 8] and req.tolist() == [0, 0, 1, 1]
@@ -112,7 +112,7 @@ def test_query_runs_are_consecutive_positions_of_one_request():
 def test_capture_maps_saved_tokens_into_the_subset():
     step, _ = _step(ratio=0.0)
     step.capture_idx = torch.tensor([0, 1])
-    step.sel = torch.tensor([0, 1, 8, 9])
+    step.sel = step.sel_cpu = torch.tensor([0, 1, 8, 9])
     key = torch.arange(4 * 2 * 4, dtype=torch.float32).view(4, 2, 4)  # rows of the subset
     step.capture(5, key, -key, subset=True)
     assert torch.equal(step.captured[5][0], key[:2])

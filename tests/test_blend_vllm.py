@@ -3,10 +3,12 @@ then prompts that place them in new orders after a new preamble; chunk boundarie
 and by kv_transfer_params; the fallbacks to prefix caching."""
 
 import functools
+import os
 import re
 
 import pytest
 
+from storekit import perturb, slot_place, slots_in_put_order
 from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
 
 pytestmark = pytest.mark.vllm
@@ -215,3 +217,21 @@ def test_a_preempted_blended_request_resumes_with_the_same_kv(tmp_path):
     assert batch["phase_metrics"][3].get("vllm:num_preemptions", 0) > 0, "the setup must preempt"
     assert len(reused_tokens(batch["log"])) > 1 and sum(reused_tokens(alone["log"])) > 0
     assert_identical(batch["phases"][3], [alone["phases"][3 + k][0] for k in range(len(rag))], tol=1e-4)
+
+
+def test_a_chunk_whose_pages_fail_is_recomputed(tmp_path):
+    """The documents' pages on the SSD damaged after they were stored (1% of each page's bytes): a fresh
+    process promotes them, the checksums fail, and every token of those chunks is recomputed like a token
+    never reused (the layers up to the check layer computed them anyway), so even with nothing recomputed
+    by choice (ratio 0) the prompt gets full prefill's tokens."""
+    root = str(tmp_path)
+    run_vllm([[d + [SEP]] for d in DOCS], connector=blend(root), max_tokens=1)
+    d, slots = slots_in_put_order(os.path.join(root, "ssd"))
+    assert slots, "the documents reached the SSD"
+    page = int(os.path.basename(d)[1:])
+    for k, slot in enumerate(slots):
+        perturb(*slot_place(d, slot), page, seed=k)
+    r = run_vllm([[RAG[0]]], connector=blend(root, recompute_ratio=0.0), max_tokens=8)
+    assert reused_tokens(r["log"]) == REUSED[:1], r["log"][-3000:]
+    assert r["log"].count("a chunk's pages failed") == 3, r["log"][-3000:]
+    assert r["phases"][0][0]["tokens"] == full_prefill()["phases"][0][0]["tokens"]

@@ -12,7 +12,9 @@ SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?
        "engine"?: {more LLM(...) keyword arguments}, "fault"?: "wrong_slot" (the first whole load of two
                   or more blocks copies its first page into the second block's slot too: a block loaded
                   into the wrong slot, for negative controls) or "layer_copy_fails" (the first layer-group
-                  load enqueues its first groups' copies, then its copy engine raises),
+                  load enqueues its first groups' copies, then its copy engine raises), "blend_unrotated"
+                  (reused keys are not rotated to their new positions) or "blend_sync_loads" (a GPU's
+                  reused KV is in the cache before the forward pass starts),
        "hold"?: true (after the result line, print UCM-HOLDING and wait for a signal)}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens", "first_top"}, ...], ...], "seconds": [per phase],
@@ -74,7 +76,31 @@ def _layer_copy_fails() -> None:
     HostTransfer.from_host_groups = from_host_groups
 
 
-FAULTS = {"wrong_slot": _load_into_wrong_slot, "layer_copy_fails": _layer_copy_fails}
+def _blend_unrotated() -> None:
+    """Negative control for blending: reused keys stay at the positions they were stored at (no rotation
+    to their new ones). Single-process mode only."""
+    from ucm.integration.vllm.blend import chunk_kv
+
+    chunk_kv.rerotate = lambda keys, deltas, spec, backend="auto": None
+
+
+def _blend_sync_loads() -> None:
+    """A reference for blending on a GPU: the reused KV is in the cache before the forward pass starts (its
+    stream synchronized), instead of arriving beside it. Single-process mode only."""
+    from ucm.integration.vllm.blend.chunk_kv import ChunkKV
+
+    original = ChunkKV.start
+
+    def start(self):
+        original(self)
+        if self.stream is not None:
+            self.stream.synchronize()
+
+    ChunkKV.start = start
+
+
+FAULTS = {"wrong_slot": _load_into_wrong_slot, "layer_copy_fails": _layer_copy_fails,
+          "blend_unrotated": _blend_unrotated, "blend_sync_loads": _blend_sync_loads}
 
 
 def main() -> None:

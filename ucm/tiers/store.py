@@ -179,7 +179,7 @@ class StoreStats:
     recent_errors: deque = field(default_factory=lambda: deque(maxlen=32))
 
 
-def _runs(rows: list[int], slots: list[int]):
+def page_runs(rows: list[int], slots: list[int]):
     """(first row, first slot, length) of maximal runs where both rows and slots go up by one."""
     k = 0
     while k < len(rows):
@@ -357,7 +357,7 @@ class TieredStore:
         task.nbytes = nbytes
         which, slots = [i for i, _ in task.placed], [s for _, s in task.placed]
         pages = task.pages[:, offset:offset + nbytes]
-        for r, sl, k in _runs(which, slots):
+        for r, sl, k in page_runs(which, slots):
             pages[sl:sl + k].copy_(rows[r:r + k])
         return task
 
@@ -433,7 +433,7 @@ class TieredStore:
         task.nbytes = nbytes
         for pages, slots, which in task.ready():
             src = pages[:, offset:offset + nbytes]
-            for r, sl, k in _runs(which, slots):
+            for r, sl, k in page_runs(which, slots):
                 rows[r:r + k].copy_(src[sl:sl + k])
         return task
 

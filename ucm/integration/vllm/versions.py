@@ -2,7 +2,7 @@
 
 | vLLM | where it runs here | per-tier hit sources | `has_sync_kv_loads` | sleep-mode hooks | patches |
 |------|--------------------|----------------------|---------------------|------------------|---------|
-| 0.26 | GPU (H200, tests/gpu) | no: hits count as external, one number | no: loads start before the forward pass anyway | no | none needed (v0_26) |
+| 0.26 | GPU (H200, tests/gpu) | no: hits count as external, one number | no: loads start before the forward pass anyway | no | v0_26: blending's two (0.32's functions) |
 | 0.32 | CPU (CI), GPU build untested | yes (`vllm.v1.metrics.cache_hit_source`) | yes | no | v0_32 |
 | 0.33 | source read from its wheel (needs torch 2.14) | yes | yes | yes: ucm declines sleep mode | v0_33 (= v0_32) |
 

@@ -1,6 +1,8 @@
 """Blending (CacheBlend) as a component of the connector: a planner on the scheduler side (plan.py),
-a worker part around the forward pass (worker.py), and the forward pass's state that the vLLM patches
-consult (step.py). `BlendComponent` decides once, per engine, whether blending can run at all."""
+a worker part around the forward pass (worker.py), the forward pass's state that the vLLM patches
+consult (step.py), and the attention backend adapters (attention.py). `BlendComponent` decides once, per
+engine, whether blending can run at all: vLLM's CPU build, or a CUDA GPU in eager mode with
+FlashAttention (the worker checks the backend where it registers the KV cache)."""
 
 from __future__ import annotations
 
@@ -40,10 +42,8 @@ class BlendComponent:
 
         from ucm.integration.vllm.patch.apply_patch import patch_report
 
-        if not self.why_not and not current_platform.is_cpu():
-            # the scheduler never sees the attention backend: without this it would plan blends that the
-            # worker then declines, and those requests would lose their prefix hits too
-            self.why_not = f"blending runs on vLLM's CPU attention backend (platform: {current_platform.device_type})"
+        if not self.why_not:
+            self.why_not = _platform_why_not(current_platform, vllm_config)
         report = patch_report()
         for name in ("attention", "decoder_layer"):
             state = report.get(name, "missing")
@@ -51,6 +51,7 @@ class BlendComponent:
                 self.why_not = self.why_not or f"patch {name} is {state}"
         if self.why_not:
             log.warning("blending disabled, prefix caching only: %s", self.why_not)
+        self._compilation = vllm_config.compilation_config  # its static_forward_context: the attention layers
         b = self.blend
         log.info("blend connector (%s): separator %s, recompute %.0f%%, check layer %d, chunks >= %d tokens",
                  "scheduler" if scheduler else "worker", b.separator, 100 * b.recompute_ratio, b.check_layer,
@@ -60,4 +61,21 @@ class BlendComponent:
         return BlendPlanner(self.blend, self.chunk_identity, self.context_identity, store, self.why_not)
 
     def worker(self, worker: "WorkerSide") -> BlendWorker:
-        return BlendWorker(self.blend, self.rope, worker, self.why_not)
+        return BlendWorker(self.blend, self.rope, worker, self.why_not,
+                           lambda: getattr(self._compilation, "static_forward_context", None) or {})
+
+
+def _platform_why_not(platform, vllm_config: "VllmConfig") -> str:
+    """Why this platform and engine configuration cannot blend ("" if they can). Both sides ask, from the
+    configuration alone: the scheduler never sees the attention backend, and without this it would plan
+    blends that the worker then declines (those requests would lose their prefix hits too). The worker
+    checks the backend itself when it registers the KV cache (blend/worker.py)."""
+    if platform.is_cpu():
+        return ""
+    if not platform.is_cuda():
+        return f"blending runs on vLLM's CPU backend and on CUDA GPUs (platform: {platform.device_type})"
+    if not vllm_config.model_config.enforce_eager:
+        # a compiled model bakes the decoder layers' Python into its graphs and replays CUDA graphs: the
+        # patched layers could not run a step on the selected tokens only
+        return "blending on a GPU needs enforce_eager=True (vLLM compiles the model and captures CUDA graphs)"
+    return ""

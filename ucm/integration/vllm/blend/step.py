@@ -1,28 +1,38 @@
 """One forward pass with blended requests: which tokens are recomputed, and attention for that subset.
 
-The blend worker (blend/worker.py) sets `ACTIVE` in `start_load_kv` after writing the reused chunks' KV
-(keys rotated to their new positions) into vLLM's paged cache for every layer, and clears it in
-`wait_for_save`. The vLLM 0.32 patches (patch_funcs/v0_32/vllm_patch.py) consult it:
+The blend worker (blend/worker.py) sets `ACTIVE` in `start_load_kv` after starting the reused chunks' KV
+(keys rotated to their new positions) on its way into vLLM's paged cache for the layers after the check
+layer (`chunks`, blend/chunk_kv.py), and clears it in `wait_for_save`. The patches
+(patch_funcs/v0_32/vllm_patch.py, also applied on 0.26's GPU build) consult it:
 
-* layers up to `check_layer` run unchanged on every token (fresh KV overwrites the loaded KV);
+* layers up to `check_layer` run unchanged on every token, writing fresh KV;
 * at `check_layer`, `select()` compares each reused token's fresh key with its cached one and keeps, per
   request, the `ratio` share of that request's reused tokens that deviates most, plus every token that was not reused (missed chunks, separators,
   the question, a prompt's last token);
-* in later layers the decoder layer runs on the selected tokens only, and `attend()` writes their KV
+* in later layers the decoder layer runs on the selected tokens only, and `attend()` (once the layer's
+  reused KV is in the cache) writes their KV
   and computes their attention over the whole context from the paged cache, where the other tokens'
   KV is the reused one. That is the work saved;
 * `capture()` keeps the fresh K/V of tokens whose chunk is to be saved (vLLM's CPU cache layout is
   the ISA's own, e.g. AMX tiles, so KV is taken as it is computed rather than read back).
+
+Batch positions (`reused_idx`, `always`, `capture_idx`) and the selection's bookkeeping live on the CPU;
+keys and the selection used to index the model's tensors (`sel`) live on the model's device. The
+attention kernel's metadata for the selected tokens is the backend's (blend/attention.py), chosen once
+where the worker registers the KV cache.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
+import time
 from dataclasses import dataclass, field
 
 import torch
+
+from ucm.integration.vllm.blend.attention import SubsetAttention
+from ucm.integration.vllm.blend.chunk_kv import ChunkKV
 
 _LAYER = re.compile(r"\.(\d+)\.")
 
@@ -40,17 +50,25 @@ class BlendStep:
     check_layer: int
     ratio: float
     span: int  # reused tokens are selected in aligned spans of this many token positions (1: one by one)
-    reused_idx: torch.Tensor  # int64 [n]: batch positions of tokens whose KV was reused
-    cached_k: torch.Tensor  # [n, kv_heads, head_dim]: their reused keys at the check layer
+    reused_idx: torch.Tensor  # int64 [n], CPU: batch positions of tokens whose KV was reused
+    cached_k: torch.Tensor | None  # [n, kv_heads, head_dim], the model's device: their reused keys at the check
+                                   # layer (None: `chunks.cached_k[cached_rows]`, once the chunks are settled)
     reused_req: torch.Tensor | None = None  # int64 [n]: the request of each (None: one request)
     reused_pos: torch.Tensor | None = None  # int64 [n]: their positions in that request (None: batch positions)
     always: list[int] = field(default_factory=list)  # batch positions computed in every layer regardless
                                                      # (e.g. each chunk's first tokens)
-    capture_idx: torch.Tensor | None = None  # batch positions whose fresh K/V are kept for saving
+    capture_idx: torch.Tensor | None = None  # CPU: batch positions whose fresh K/V are kept for saving
+    attention: SubsetAttention | None = None  # the backend's attention metadata for the selection (attend)
+    chunks: ChunkKV | None = None  # the reused KV on its way into the cache (blend/chunk_kv.py)
+    cached_rows: torch.Tensor | None = None  # CPU: rows of chunks.cached_k that are the reused tokens
     captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (K, V)
-    sel: torch.Tensor | None = None  # int64, sorted: batch positions computed after the check layer
+    sel: torch.Tensor | None = None  # int64, sorted, the model's device: batch positions computed after the
+                                     # check layer
+    sel_cpu: torch.Tensor | None = None  # the same on the CPU
     sel_positions: torch.Tensor | None = None  # their token positions (set by the decoder layer)
     recomputed: int = 0  # reused tokens recomputed anyway (the deviating ones)
+    timed: bool = False  # UCM_BLEND_TIMING: the device is synchronized around the selection, which is timed
+    select_seconds: float = 0.0
     _runs: tuple | None = None  # (query starts, sequence lengths, requests) of the selection's runs
     _metadata: dict = field(default_factory=dict)  # attention metadata of the selection, per layer shape
 
@@ -61,10 +79,17 @@ class BlendStep:
         n = self.reused_idx.numel()
         if not n:
             return  # nothing reused: every layer runs on every token
-        keep = torch.ones(fresh_keys.shape[0], dtype=torch.bool, device=fresh_keys.device)
+        device = fresh_keys.device
+        t0 = device_clock(self.timed, device)
+        failed = self.chunks.settle() if self.chunks is not None else torch.empty(0, dtype=torch.int64)
+        if self.cached_k is None:
+            self.cached_k = self.chunks.cached_k[self.cached_rows.to(device)]
+        keep = torch.ones(fresh_keys.shape[0], dtype=torch.bool)
         keep[self.reused_idx] = False
-        diff = fresh_keys[self.reused_idx].float() - self.cached_k.float()
-        deviation = (diff * diff).sum(dim=(1, 2))
+        diff = fresh_keys[self.reused_idx.to(device)].float() - self.cached_k.float()
+        deviation = (diff * diff).sum(dim=(1, 2)).cpu()
+        if failed.numel():  # pages that failed: their tokens are recomputed, outside the budget
+            deviation[torch.isin(self.reused_idx, failed)] = -1.0
         reqs = self.reused_req if self.reused_req is not None else torch.zeros(n, dtype=torch.int64)
         pos = self.reused_pos if self.reused_pos is not None else self.reused_idx
         chosen = torch.zeros(n, dtype=torch.bool)
@@ -74,8 +99,11 @@ class BlendStep:
         keep[self.reused_idx[chosen]] = True
         self.recomputed = int(chosen.sum())
         if self.always:
-            keep[torch.tensor(self.always, device=keep.device)] = True
-        self.sel = keep.nonzero().squeeze(1)
+            keep[torch.tensor(self.always)] = True
+        keep[failed] = True
+        self.sel_cpu = keep.nonzero().squeeze(1)
+        self.sel = self.sel_cpu.to(device)
+        self.select_seconds = device_clock(self.timed, device) - t0
 
     def _choose(self, deviation: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Indices of one request's reused tokens to recompute: the `ratio` share that deviates most,
@@ -99,14 +127,16 @@ class BlendStep:
         tokens saved are never reused ones, so they are always in it)."""
         if self.capture_idx is None:
             return
-        rows = torch.searchsorted(self.sel, self.capture_idx) if subset else self.capture_idx
+        rows = torch.searchsorted(self.sel_cpu, self.capture_idx) if subset else self.capture_idx
+        rows = rows.to(key.device)
         self.captured[layer] = (key[rows].clone(), value[rows].clone())
 
     def _query_runs(self, query_start_loc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The selected tokens as runs of consecutive positions of one request: (query start offsets
-        [runs + 1], sequence length = last position + 1 [runs], request of each run [runs])."""
-        req = torch.searchsorted(query_start_loc[1:], self.sel.to(query_start_loc.dtype), right=True)
-        pos = self.sel_positions
+        [runs + 1], sequence length = last position + 1 [runs], request of each run [runs]), on the CPU."""
+        qsl = query_start_loc.cpu()
+        req = torch.searchsorted(qsl[1:], self.sel_cpu.to(qsl.dtype), right=True)
+        pos = self.sel_positions.cpu()
         new = torch.ones(pos.numel(), dtype=torch.bool)
         new[1:] = (pos[1:] != pos[:-1] + 1) | (req[1:] != req[:-1])
         starts = new.nonzero().squeeze(1)
@@ -118,35 +148,33 @@ class BlendStep:
         """Attention for the selected tokens only (query/key/value hold those rows): write their KV with
         vLLM's own cache op, then run vLLM's attention kernel with each run of consecutive selected
         tokens as a sequence that ends at the run's last position (queries are then causal by position;
-        the kernel's cache layout is the ISA's, e.g. AMX tiles, so nothing here reads the cache)."""
-        from vllm import _custom_ops as ops
-        from vllm import envs
+        the cache layout is the backend's, e.g. AMX tiles on a CPU, so nothing here reads the cache)."""
         from vllm.model_executor.layers.attention.attention import get_attention_context
 
+        if self.chunks is not None:
+            self.chunks.wait_layer(layer_index(layer.layer_name))  # its reused KV is in the cache
         md, _, kv_cache, slot_mapping = get_attention_context(layer.layer_name)
         slots = (md.slot_mapping if slot_mapping is None else slot_mapping)[self.sel]
         heads, kv_heads, d, dv = layer.num_heads, layer.num_kv_heads, layer.head_size, layer.head_size_v
         n = self.sel.numel()
         layer.impl.do_kv_cache_update(layer, key.view(n, kv_heads, d), value.view(n, kv_heads, dv), kv_cache, slots)
-        shape = (heads, kv_heads, d, query.dtype, layer.isa, layer.impl.kv_cache_dtype)
+        shape = (heads, kv_heads, d, query.dtype, getattr(layer, "isa", None), layer.impl.kv_cache_dtype)
         step_md = self._metadata.get(shape)
         if step_md is None:  # the same for every layer of this shape: built once per step
             if self._runs is None:
                 self._runs = self._query_runs(md.query_start_loc)
-            qsl, seq_lens, rows = (t.to(md.query_start_loc.dtype) for t in self._runs)
-            sched = ops.cpu_attn_get_scheduler_metadata(
-                num_reqs=seq_lens.numel(), num_heads=heads, num_kv_heads=kv_heads, head_dim=d, seq_lens=seq_lens,
-                dtype=query.dtype, query_start_loc=qsl, causal=True, sliding_window_size=-1, isa=layer.isa,
-                enable_kv_split=envs.VLLM_CPU_ATTN_SPLIT_KV, dynamic_causal=None,
-                kv_cache_dtype=layer.impl.kv_cache_dtype)
-            step_md = self._metadata[shape] = dataclasses.replace(
-                md, num_actual_tokens=n, max_query_len=int((qsl[1:] - qsl[:-1]).max()), query_start_loc=qsl,
-                max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=md.block_table[rows.long()],
-                slot_mapping=slots, scheduler_metadata=sched, causal=True, dynamic_causal=None)
+            step_md = self._metadata[shape] = self.attention.metadata(layer, md, *self._runs, slots, query.dtype)
         out = torch.empty(n, heads, dv, dtype=query.dtype, device=query.device)
         layer.impl.forward(layer, query.view(n, heads, d), key.view(n, kv_heads, d), value.view(n, kv_heads, dv),
                            kv_cache, step_md, out)
         return out.view(n, heads * dv)
+
+
+def device_clock(sync: bool, device: torch.device) -> float:
+    """perf_counter, after the device's queued work when `sync` (timings of the blend's own work)."""
+    if sync and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 ACTIVE: BlendStep | None = None  # the forward pass in progress, if it blends

@@ -1,10 +1,13 @@
-"""The blend worker: around each forward pass with blended requests (vLLM 0.32's CPU attention backend).
+"""The blend worker: around each forward pass with blended requests (vLLM 0.32's CPU attention backend,
+vLLM 0.26's FlashAttention on a GPU; blend/attention.py).
 
-Before the forward pass (`start_step`): read the stored blocks that hold reused tokens of this step,
-rotate their keys to the new positions (ucm/kernels/rope.py), write them into the paged cache of every
-layer with vLLM's own cache op, and activate a `BlendStep` (step.py): the layers up to `check_layer` run
-on every token, the check layer keeps the `recompute_ratio` share of reused tokens whose keys deviate
-most (plus every token not reused), and later layers run on those tokens only.
+`register` decides once, from the attention layers' implementation, whether blending runs here.
+
+Before the forward pass (`start_step`): where each reused token of this step goes, then the stored blocks
+that hold them on their way into vLLM's paged cache, keys rotated to the new positions (chunk_kv.py: on a
+GPU beside the forward pass), and a `BlendStep` active (step.py): the layers up to `check_layer` run on
+every token, the check layer keeps the `recompute_ratio` share of reused tokens whose keys deviate most
+(plus every token not reused, and those whose pages failed), and later layers run on those tokens only.
 
 After it (`end_step`): the K/V captured for chunks being saved are assembled; a chunk complete after
 this step is stored as blend pages: [layers, 2 (K, V), block_size, kv_heads, head_dim] in the cache
@@ -13,13 +16,16 @@ dtype, keys rotated back so the chunk's first token sits at position 0.
 
 from __future__ import annotations
 
+import os
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ucm.config import BlendConfig
 from ucm.integration.vllm.blend import step as blend_step
+from ucm.integration.vllm.blend.attention import SubsetAttention, for_backend
+from ucm.integration.vllm.blend.chunk_kv import ChunkKV, Piece
 from ucm.integration.vllm.blend.plan import BlendRequestMeta, ChunkLoad, ChunkSave
 from ucm.integration.vllm.connector.metadata import UCMConnectorMetadata
 from ucm.kernels.rope import RopeSpec, rerotate
@@ -31,13 +37,21 @@ if TYPE_CHECKING:
     from ucm.integration.vllm.connector.worker import WorkerSide
 
 log = get_logger("Blend")
+TIMING_ENV = "UCM_BLEND_TIMING"  # "1": the selection is timed after a device synchronize (benchmarks)
 
 
 class BlendWorker:
-    def __init__(self, blend: BlendConfig, rope: RopeSpec | None, worker: "WorkerSide", why_not: str):
+    def __init__(self, blend: BlendConfig, rope: RopeSpec | None, worker: "WorkerSide", why_not: str,
+                 layers: Callable[[], dict] = dict):
+        """`layers`: vLLM's attention layers by name (the static forward context; asked at `register`,
+        when the model is built)."""
         self.blend, self.rope, self.worker, self.why_not = blend, rope, worker, why_not
         self.block_size = worker.block_size
         self._layer_names: list[str] = []  # attention layers, in order
+        self._all_layers = layers
+        self._attention: SubsetAttention | None = None  # the backend's adapter (register)
+        self._stream = None  # a GPU's stream for the reused KV's way into the cache (chunk_kv.py)
+        self.timed = os.environ.get(TIMING_ENV, "") not in ("", "0")  # device synchronized around timed parts
         self._captures: list = []  # this step's (request, chunk) saves, in capture order
         self._partial: dict[tuple[str, int], list] = {}  # (request, chunk start) -> captured parts so far
 
@@ -46,30 +60,25 @@ class BlendWorker:
         return self.worker.store
 
     def register(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """The attention layers, and the one decision of whether their backend can blend."""
         self._layer_names = sorted(kv_caches, key=blend_step.layer_index)
+        layer = self._all_layers().get(self._layer_names[0]) if self._layer_names else None
+        impl = getattr(layer, "impl", None)
+        self._attention = for_backend(impl) if impl is not None else None
+        if self._attention is None and not self.why_not:
+            self.why_not = (f"attention backend {type(impl).__name__} (blending runs on vLLM's CPU backend and "
+                            "on FlashAttention)")
+            log.warning("blending disabled, prefix caching only: %s", self.why_not)
+        elif self._attention is not None:
+            log.info("blend worker: attention backend %s, KV cache on %s", self._attention.name,
+                     next(iter(kv_caches.values())).device)
 
-    def _layers(self, forward_context: "ForwardContext") -> list | None:
-        """The attention layers in order, if their backend is the one blending knows (vLLM 0.32 CPU)."""
-        layers = [forward_context.no_compile_layers[n] for n in self._layer_names]
-        impl = type(layers[0].impl).__name__
-        if impl != "CPUAttentionBackendImpl":
-            if not self.why_not:
-                self.why_not = f"attention backend {impl} (blending runs on vLLM's CPU backend)"
-                log.warning("blending disabled, prefix caching only: %s", self.why_not)
-            return None
-        return layers
-
-    def _page_shape(self, layers) -> tuple[int, ...]:
-        a = layers[0]
-        return (len(layers), 2, self.block_size, a.num_kv_heads, a.head_size)
+    def _layers(self, forward_context: "ForwardContext") -> list:
+        return [forward_context.no_compile_layers[n] for n in self._layer_names]
 
     def _slots(self, block_ids: list[int], start: int, n: int) -> torch.Tensor:
         pos = torch.arange(start, start + n)
         return torch.tensor(block_ids, dtype=torch.int64)[pos // self.block_size] * self.block_size + pos % self.block_size
-
-    @staticmethod
-    def _rope_backend(t: torch.Tensor) -> str:
-        return "triton" if t.is_cuda else "torch"
 
     # ---- before the forward pass ------------------------------------------------------------------
     def start_step(self, forward_context: "ForwardContext", meta: UCMConnectorMetadata) -> None:
@@ -80,12 +89,10 @@ class BlendWorker:
         if not todo or self.why_not:
             return
         layers = self._layers(forward_context)
-        if layers is None:
-            return
         slot_mapping = forward_context.slot_mapping[self._layer_names[0]]
         md = forward_context.attn_metadata[self._layer_names[0]]
         n_batch = int(md.query_start_loc[-1])
-        batch_slots = slot_mapping[:n_batch].long()
+        batch_slots = slot_mapping[:n_batch].long().cpu()
         live = batch_slots >= 0  # padding has slot -1
         inverse = torch.full((int(batch_slots.max()) + 1,), -1, dtype=torch.int64)
         inverse[batch_slots[live]] = torch.arange(n_batch)[live]
@@ -95,21 +102,21 @@ class BlendWorker:
             return torch.where(slots < inverse.numel(), idx, torch.full_like(idx, -1))
 
         t0 = time.perf_counter()
-        reused, cached_k, owner, positions, capture, self._captures = [], [], [], [], [], []
         # a prompt's last token is never reused (see the planner), so it is always recomputed; the last
         # token of an intermediate chunked-prefill step is not needed (vLLM discards that sample)
-        always: list[int] = []
+        pieces, ids, owner, positions, always = [], [], [], [], []
         for r, rm in enumerate(todo):
             for load in rm.loads:
-                got = self._load_chunk(rm, load, layers, batch_positions)
-                if got is not None:
-                    idx, pos, keys = got
-                    first = self.blend.chunk_start_tokens
-                    always += idx[:first].tolist()
-                    reused.append(idx[first:])
-                    positions.append(pos[first:])
-                    owner.append(torch.full_like(idx[first:], r))
-                    cached_k.append(keys[first:])
+                piece = self._piece(rm, load, len(ids), batch_positions)
+                if piece is None:
+                    continue
+                pieces.append(piece)
+                ids += load.ids
+                owner.append(torch.full_like(piece.idx, r))
+                positions.append(torch.arange(load.start, load.start + load.tokens)[piece.live])
+        capture: list[torch.Tensor] = []
+        self._captures = []
+        for rm in todo:
             for save in rm.saves:
                 a, b = save.part
                 idx = batch_positions(self._slots(rm.block_ids, a, b - a))
@@ -120,61 +127,69 @@ class BlendWorker:
                     continue
                 capture.append(idx)
                 self._captures.append((rm, save))
-        if not reused and not capture:
+        if not pieces and not capture:
             return
-        a = layers[0]
+        chunks, reused, cached_rows = None, torch.empty(0, dtype=torch.int64), None
+        if pieces:
+            if self._stream is None and layers[0].kv_cache.is_cuda:
+                self._stream = torch.cuda.Stream(device=layers[0].kv_cache.device)
+            chunks = ChunkKV(self.store, ids, pieces, layers, self.blend.check_layer, self.rope, self.block_size,
+                             self._stream)
+            chunks.start()
+            # each chunk's first `chunk_start_tokens` tokens are computed in every layer, not reused
+            first = self.blend.chunk_start_tokens
+            rows, at = [], 0
+            for p in pieces:
+                m = p.idx.numel()
+                always += p.idx[:first].tolist()
+                rows.append(torch.arange(at + min(first, m), at + m))
+                at += m
+            cached_rows = torch.cat(rows)
+            reused = torch.cat([p.idx for p in pieces])[cached_rows]
+            owner, positions = torch.cat(owner)[cached_rows], torch.cat(positions)[cached_rows]
         step = blend_step.BlendStep(
-            self.blend.check_layer, self.blend.recompute_ratio, self.blend.recompute_span,
-            torch.cat(reused) if reused else torch.empty(0, dtype=torch.int64),
-            torch.cat(cached_k) if cached_k else torch.empty(0, a.num_kv_heads, a.head_size),
-            reused_req=torch.cat(owner) if owner else None, reused_pos=torch.cat(positions) if positions else None,
-            always=always, capture_idx=torch.cat(capture) if capture else None)
+            self.blend.check_layer, self.blend.recompute_ratio, self.blend.recompute_span, reused, None,
+            reused_req=owner if pieces else None, reused_pos=positions if pieces else None, always=always,
+            capture_idx=torch.cat(capture) if capture else None, attention=self._attention, chunks=chunks,
+            cached_rows=cached_rows, timed=self.timed)
         blend_step.set_active(step)
-        if reused:
-            n = step.reused_idx.numel()
+        if reused.numel():
+            n = reused.numel()
             self.worker.stats.add(blend_reused_tokens=n)
             alone = sum(x.alone for rm in todo for x in rm.loads)
-            log.info("blend: %d tokens of %d requests reused at new positions (loaded and rotated in %.1f ms); "
-                     "recomputing %.0f%% of them from layer %d; chunk pages computed alone %d, in context %d", n,
-                     sum(1 for rm in todo if rm.loads), 1e3 * (time.perf_counter() - t0),
+            log.info("blend: %d tokens of %d requests reused at new positions (their loads enqueued in %.1f ms, %d "
+                     "copies); recomputing %.0f%% of them from layer %d; chunk pages computed alone %d, in context %d",
+                     n, sum(1 for rm in todo if rm.loads), 1e3 * (time.perf_counter() - t0), chunks.copies,
                      100 * self.blend.recompute_ratio, self.blend.check_layer + 1, alone,
                      sum(len(rm.loads) for rm in todo) - alone)
 
-    def _load_chunk(self, rm: BlendRequestMeta, load: ChunkLoad, layers, batch_positions):
-        """Read a chunk's blocks, rotate their keys, write them into every layer's paged cache with
-        vLLM's own cache op; (batch positions, prompt positions, check-layer keys) of the tokens placed,
-        or None if the chunk cannot be used (it is then computed in full)."""
-        shape = self._page_shape(layers)
-        n_layers, _, bs, heads, dim = shape
-        dtype = layers[0].kv_cache.dtype
-        buf = torch.empty((len(load.ids),) + shape, dtype=dtype)
-        task = self.store.load(load.ids, 0, buf.view(len(load.ids), -1).view(torch.uint8))
-        if self.store.wait(task):
-            log.warning("req %s: chunk at %d not reused: %s", rm.req_id, load.start, next(iter(task.errors.values())))
-            return None
-        n, skip = load.tokens, (load.start - load.origin) % bs  # tokens placed; rows of ids[0] before them
-        # [blocks, layers, 2, bs, heads, dim] -> per layer [tokens, heads, dim]
-        k = buf[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, skip:skip + n].contiguous()
-        v = buf[:, :, 1].permute(1, 0, 2, 3, 4).reshape(n_layers, -1, heads, dim)[:, skip:skip + n].contiguous()
-        if load.origin:
-            rerotate(k.view(n_layers * n, heads, dim), load.origin, self.rope, self._rope_backend(k))
+    def _piece(self, rm: BlendRequestMeta, load: ChunkLoad, row: int, batch_positions) -> Piece | None:
+        """Where a chunk load's tokens go in this step (its blocks from buffer row `row` on), or None if
+        none of them is computed in this step."""
+        n, skip = load.tokens, (load.start - load.origin) % self.block_size
         slots = self._slots(rm.block_ids, load.start, n)
         idx = batch_positions(slots)
         live = idx >= 0  # tokens this step computes (not already in vLLM's cache)
-        slots, idx = slots[live], idx[live]
-        for layer, attn in enumerate(layers):
-            attn.impl.do_kv_cache_update(attn, k[layer][live], v[layer][live], attn.kv_cache, slots)
-        return idx, torch.arange(load.start, load.start + n)[live], k[min(self.blend.check_layer, n_layers - 1)][live]
+        if not live.any():
+            return None
+        return Piece((row, row + len(load.ids)), skip, n, live, slots[live], idx[live], load.origin)
 
     # ---- after the forward pass -------------------------------------------------------------------
     def end_step(self, meta: UCMConnectorMetadata) -> None:
         step = blend_step.ACTIVE
         blend_step.set_active(None)
+        if step is not None and step.chunks is not None:
+            step.chunks.close()
+            for i, why in step.chunks.failed:
+                log.warning("blend: a chunk's pages failed (%s): its %d tokens were recomputed", why,
+                            step.chunks.pieces[i].idx.numel())
         if step is not None and step.reused_idx.numel():
             self.worker.stats.add(blend_recomputed_tokens=step.recomputed)
             log.info("blend: recomputed %d of %d reused tokens after layer %d (%d other tokens computed in all "
-                     "layers)", step.recomputed, step.reused_idx.numel(), step.check_layer,
-                     0 if step.sel is None else step.sel.numel() - step.recomputed)
+                     "layers; selection %.1f ms; reused KV read, rotated and written in %.1f ms%s)", step.recomputed,
+                     step.reused_idx.numel(), step.check_layer,
+                     0 if step.sel is None else step.sel.numel() - step.recomputed, 1e3 * step.select_seconds,
+                     1e3 * step.chunks.seconds(), ", on a stream beside the forward pass" if step.chunks.gpu else "")
         if step is not None and step.capture_idx is not None:
             if len(step.captured) != len(self._layer_names):
                 log.warning("chunks not saved: %d of %d layers captured", len(step.captured), len(self._layer_names))
@@ -200,7 +215,7 @@ class BlendWorker:
         k0 = parts[0][0][0]
         heads, dim = k0.shape[1], k0.shape[2]
         n, blocks, bs = save.end - save.start, len(save.ids), self.block_size
-        page = torch.empty((blocks, n_layers, 2, bs, heads, dim), dtype=k0.dtype)
+        page = torch.empty((blocks, n_layers, 2, bs, heads, dim), dtype=k0.dtype, device=k0.device)
         for layer in range(n_layers):
             k = torch.cat([p[layer][0] for p in parts])
             v = torch.cat([p[layer][1] for p in parts])
@@ -212,7 +227,7 @@ class BlendWorker:
             page[:, layer, 1] = v.reshape(blocks, bs, heads, dim)
         if save.origin:  # canonical positions: the chunk's first token at 0
             keys = page[:, :, 0].permute(1, 0, 2, 3, 4).reshape(n_layers * n, heads, dim).contiguous()
-            rerotate(keys, -save.origin, self.rope, self._rope_backend(keys))
+            rerotate(keys, -save.origin, self.rope)
             page[:, :, 0] = keys.view(n_layers, blocks, bs, heads, dim).permute(1, 0, 2, 3, 4)
         task = self.store.dump(save.ids, 0, page.view(blocks, -1).view(torch.uint8))
         self.store.wait(task)
