@@ -1,8 +1,10 @@
 """BlendStep's selection, query runs and capture, without vLLM (its attention is covered end to end by
-test_blend_vllm.py, where recomputing every token reproduces full prefill)."""
+test_blend_vllm_steps.py, where recomputing every token reproduces full prefill)."""
 
 import torch
 
+from ucm.integration.vllm.blend.attention import for_backend
+from ucm.integration.vllm.blend.chunk_kv import layer_groups
 from ucm.integration.vllm.blend.step import BlendStep, layer_index
 
 
@@ -123,3 +125,23 @@ def test_capture_maps_saved_tokens_into_the_subset():
 
 def test_layer_index():
     assert layer_index("model.layers.12.self_attn.attn") == 12
+
+
+def test_copy_groups_start_with_the_check_layer_alone():
+    """The check layer's keys come first (the selection needs them), then the later layers 8 at a time;
+    the layers before the check layer are never read."""
+    assert layer_groups(32, 3) == [(3, 4), (4, 12), (12, 20), (20, 28), (28, 32)]
+    assert layer_groups(30, 29) == [(29, 30)] and layer_groups(30, 40) == [(29, 30)]
+
+
+def test_blending_runs_on_the_backends_it_knows():
+    """The adapter is chosen by the attention implementation's class name (vLLM's own classes on the
+    real paths; stand-ins here); context parallelism splits the KV across ranks and is declined."""
+    FlashAttentionImpl = type("FlashAttentionImpl", (), {"dcp_world_size": 1})
+    CPUAttentionBackendImpl = type("CPUAttentionBackendImpl", (), {})
+    assert for_backend(FlashAttentionImpl()).name == "flash_attn"
+    assert for_backend(CPUAttentionBackendImpl()).name == "cpu"
+    assert for_backend(type("TritonAttentionImpl", (), {})()) is None
+    split = FlashAttentionImpl()
+    split.dcp_world_size = 2
+    assert for_backend(split) is None

@@ -1,53 +1,17 @@
 """BlendConnector end to end on the real vLLM CPU build and SmolLM2-135M: documents cached one by one,
 then prompts that place them in new orders after a new preamble; chunk boundaries by separator token
-and by kv_transfer_params; the fallbacks to prefix caching."""
+and by kv_transfer_params; the fallbacks to prefix caching (the prompts: blendkit.py; across forward
+passes: test_blend_vllm_steps.py)."""
 
-import functools
-import os
 import re
 
 import pytest
 
-from storekit import perturb, slot_place, slots_in_put_order
-from vllm_harness import BLOCK, EXT, assert_identical, prompt_tokens, run_vllm, ucm_connector
+from blendkit import (DOCS, PRE_A, PRE_B, QUESTION, RAG, REUSED, SEP, _text, agreement, blend, full_prefill,
+                      reused_tokens)
+from vllm_harness import BLOCK, EXT, assert_identical, run_vllm, ucm_connector
 
 pytestmark = pytest.mark.vllm
-SEP = 45596  # "|||": one token in SmolLM2's vocabulary, absent from the test text
-
-
-def _text(n, offset):
-    return [t for t in prompt_tokens(n, offset) if t != SEP]
-
-
-DOCS = [_text(200, 600 * k) for k in range(3)]
-PRE_A, PRE_B = _text(30, 3000), _text(40, 3200)
-QUESTION = _text(20, 3400)
-RAG = [PRE_B + [SEP] + DOCS[2] + [SEP] + DOCS[0] + [SEP] + DOCS[1] + [SEP] + QUESTION,
-       PRE_A + [SEP] + DOCS[1] + [SEP] + DOCS[2] + [SEP] + QUESTION]
-REUSED = [sum(len(DOCS[k]) // BLOCK * BLOCK for k in (2, 0, 1)), sum(len(DOCS[k]) // BLOCK * BLOCK for k in (1, 2))]
-
-
-def blend(root, **kw) -> dict:
-    c = ucm_connector(root, name="BlendConnector", blend={"separator": SEP, **kw})
-    return c
-
-
-def reused_tokens(log: str) -> list[int]:
-    return [int(m) for m in re.findall(r"\[UCM\.Blend\] blend: (\d+) tokens of \d+ requests reused", log)]
-
-
-@functools.lru_cache(maxsize=None)
-def full_prefill() -> dict:
-    return run_vllm([[p] for p in RAG], max_tokens=8)
-
-
-def agreement(got, ref) -> int:
-    n = 0
-    for a, b in zip(got["tokens"], ref["tokens"]):
-        if a != b:
-            break
-        n += 1
-    return n
 
 
 def test_documents_cached_alone_are_reused_in_new_orders_after_a_new_preamble(tmp_path):
@@ -159,79 +123,8 @@ def test_chunk_boundaries_from_kv_transfer_params(tmp_path):
     assert reused_tokens(r["log"]) == [len(DOCS[1]) // BLOCK * BLOCK + len(DOCS[0]) // BLOCK * BLOCK]
 
 
-@pytest.mark.parametrize("mp", [False, True], ids=["single-process", "multiprocessing"])
-def test_full_recompute_reproduces_full_prefill(tmp_path, mp):
-    """recompute_ratio 1.0: every reused token is recomputed after the check layer, so the blended pass
-    must give full prefill's tokens (the machinery of the subset pass, checked without approximation)."""
-    r = run_vllm([[d + [SEP]] for d in DOCS] + [[RAG[0]]], connector=blend(str(tmp_path), recompute_ratio=1.0),
-                 max_tokens=8, multiprocessing=mp)
-    assert reused_tokens(r["log"]) == REUSED[:1]
-    assert r["phases"][3][0]["tokens"] == full_prefill()["phases"][0][0]["tokens"]
-
-
-def test_chunked_prefill_blends_step_by_step(tmp_path):
-    """A 473-token prompt prefilled 128 tokens a step: every step blends the reused tokens it holds. With
-    ratio 1.0 the tokens equal full prefill's under the same steps (the machinery across steps). With
-    ratio 0 the reused KV is the same whatever the steps, so in float32 the output equals blending the
-    prompt in one step (placement and rotation of partial loads)."""
-    phases = [[d + [SEP]] for d in DOCS] + [[RAG[1]]]
-    ref = run_vllm([[RAG[1]]], max_tokens=8, max_num_batched_tokens=128)["phases"][0][0]
-    r = run_vllm(phases, connector=blend(str(tmp_path / "a"), recompute_ratio=1.0), max_tokens=8,
-                 max_num_batched_tokens=128)
-    steps = reused_tokens(r["log"])
-    assert len(steps) > 1 and sum(steps) == REUSED[1], (steps, r["log"][-3000:])
-    assert r["phases"][3][0]["tokens"] == ref["tokens"]
-    one, chunked = (run_vllm(phases, connector=blend(str(tmp_path / str(n)), recompute_ratio=0.0), max_tokens=8,
-                             max_num_batched_tokens=n, dtype="float32") for n in (4096, 128))
-    assert len(reused_tokens(chunked["log"])) > 1 and reused_tokens(one["log"]) == [REUSED[1]]
-    assert_identical(chunked["phases"][3], one["phases"][3])
-
-
 def test_without_patches_it_is_a_prefix_cache(tmp_path):
     r = run_vllm([[RAG[0]], [RAG[0]]], connector=blend(str(tmp_path)), max_tokens=8,
                  env={"UCM_DISABLE_PATCHES": "1"})
     assert "blending disabled, prefix caching only" in r["log"]
     assert r["phase_metrics"][1].get(EXT, 0) == (len(RAG[0]) // BLOCK) * BLOCK
-
-
-def test_a_preempted_blended_request_resumes_with_the_same_kv(tmp_path):
-    """A KV cache of 38 blocks for four blended prompts of 15-21 blocks that grow while they decode: vLLM
-    preempts the second and resumes it. A resumed request computes its tokens again, in new blocks, and
-    must be blended exactly as the first time: the same chunk loads, into its new slots, and not the
-    document it computed and stored itself the first time (cached nowhere else, so the request alone
-    computes it), so its KV and its output equal those of the same request run alone without
-    preemption. recompute_ratio 0 makes the selection independent of the batch; float32 keeps the
-    noise floor at ~1e-5."""
-    new_doc = _text(200, 1800)
-    rag = [RAG[0], PRE_A + [SEP] + DOCS[1] + [SEP] + new_doc + [SEP] + QUESTION,
-           PRE_B + [SEP] + DOCS[1] + [SEP] + DOCS[0] + [SEP] + QUESTION,
-           PRE_A + [SEP] + DOCS[0] + [SEP] + DOCS[2] + [SEP] + DOCS[1] + [SEP] + QUESTION]
-    docs = [[d + [SEP]] for d in DOCS]
-    page = 30 * 2 * BLOCK * 3 * 64 * 4  # SmolLM2, float32: bytes per block
-    common = dict(max_tokens=96, dtype="float32", max_model_len=1024)
-    alone = run_vllm(docs + [[p] for p in rag], connector=blend(str(tmp_path / "alone"), recompute_ratio=0.0),
-                     **common)
-    assert all(m.get("vllm:num_preemptions", 0) == 0 for m in alone["phase_metrics"])
-    batch = run_vllm(docs + [rag], connector=blend(str(tmp_path / "batch"), recompute_ratio=0.0),
-                     kv_cache_bytes=38 * page, **common)
-    assert batch["phase_metrics"][3].get("vllm:num_preemptions", 0) > 0, "the setup must preempt"
-    assert len(reused_tokens(batch["log"])) > 1 and sum(reused_tokens(alone["log"])) > 0
-    assert_identical(batch["phases"][3], [alone["phases"][3 + k][0] for k in range(len(rag))], tol=1e-4)
-
-
-def test_a_chunk_whose_pages_fail_is_recomputed(tmp_path):
-    """The documents' pages on the SSD damaged after they were stored (1% of each page's bytes): a fresh
-    process promotes them, the checksums fail, and every token of those chunks is recomputed like a token
-    never reused (the layers up to the check layer computed them anyway), so even with nothing recomputed
-    by choice (ratio 0) the prompt gets full prefill's tokens."""
-    root = str(tmp_path)
-    run_vllm([[d + [SEP]] for d in DOCS], connector=blend(root), max_tokens=1)
-    d, slots = slots_in_put_order(os.path.join(root, "ssd"))
-    assert slots, "the documents reached the SSD"
-    page = int(os.path.basename(d)[1:])
-    for k, slot in enumerate(slots):
-        perturb(*slot_place(d, slot), page, seed=k)
-    r = run_vllm([[RAG[0]]], connector=blend(root, recompute_ratio=0.0), max_tokens=8)
-    assert reused_tokens(r["log"]) == REUSED[:1], r["log"][-3000:]
-    assert r["log"].count("a chunk's pages failed") == 3, r["log"][-3000:]
-    assert r["phases"][0][0]["tokens"] == full_prefill()["phases"][0][0]["tokens"]

@@ -5,7 +5,7 @@ alone, then prompts place them after a new preamble, chunk boundaries given per 
 (`kv_transfer_params["ucm_blend_chunks"]`). recompute_ratio 1.0 recomputes every reused token after the
 check layer, so the blended pass must give full prefill's tokens: that checks the subset pass on
 FlashAttention (patched layers, runs of selected tokens, their metadata, their KV writes) without
-approximation. Skipped where CUDA is absent (CI); the CPU build's tests are tests/test_blend_vllm.py."""
+approximation. Skipped where CUDA is absent (CI); the CPU build's tests are tests/test_blend_vllm*.py."""
 
 import re
 
