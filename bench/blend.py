@@ -1,5 +1,5 @@
-"""Blend quality and time to first token on the real vLLM CPU build and SmolLM2-135M-Instruct; writes
-bench/results/blend.md.
+"""Blend quality and time to first token on the real vLLM (the CPU build here; the GPU build on the GPU
+machine, tests/gpu/README.md) and SmolLM2-135M-Instruct; writes bench/results/blend.md (`--out`).
 
 RAG prompts in SmolLM2's chat format: a system line, four documents of real text (256-512 tokens each,
 from the repository's real-text corpus) separated by a separator token, and a question whose answer is
@@ -211,13 +211,11 @@ def render(args, configs, prompts, results) -> list[str]:
                 c = sum(y and not x for x, y in zip(right[name], right[base]))
                 paired.append(f"{name} answers {b} prompts that {base} misses and misses {c} that it answers "
                               f"(exact sign test p = {sign_test(b, c):.2g})")
-    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-               platform.machine())
     n_tok = statistics.mean(len(p["tokens"]) for p in quality)
     return [
         "# Blend quality and time to first token",
         "",
-        f"{args.date}, {cpu}, {os.cpu_count()} cores; vLLM 0.32 CPU build, SmolLM2-135M-Instruct (bf16), "
+        f"{args.date}, {args.platform}, SmolLM2-135M-Instruct (bf16), "
         f"block size 32, check layer {args.check_layer}, recompute_span {args.span}, chunk_start_tokens "
         f"{args.chunk_start_tokens}, documents cached behind: {args.doc_context}. "
         f"`.venv/bin/python bench/blend.py --prompts {args.prompts} --ttft-prompts {args.ttft_prompts} --ratios "
@@ -248,6 +246,18 @@ def render(args, configs, prompts, results) -> list[str]:
     ]
 
 
+def platform_line() -> str:
+    """Where the configurations ran: the GPU, or the CPU and its cores, and vLLM's build."""
+    import torch
+    import vllm
+
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}; vLLM {vllm.__version__} GPU build (eager, FlashAttention)"
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.machine())
+    return f"{cpu}, {os.cpu_count()} cores; vLLM {vllm.__version__} CPU build"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=100)
@@ -273,10 +283,10 @@ def main() -> None:
     args = ap.parse_args()
     if args.from_dump:
         d = json.load(open(args.from_dump))
-        args = argparse.Namespace(**{**vars(ap.parse_args([])), **d["args"]})
+        args = argparse.Namespace(**{"platform": "vLLM 0.32 CPU build", **vars(ap.parse_args([])), **d["args"]})
         results = d["results"]
     else:
-        args.date = str(datetime.date.today())
+        args.date, args.platform = str(datetime.date.today()), platform_line()
         results = None
     docs, prompts = build(args.prompts, args.ttft_prompts, args.doc_context,
                           **(HELD_OUT if getattr(args, "held_out", False) else

@@ -4,7 +4,7 @@ test_blend_vllm_steps.py, where recomputing every token reproduces full prefill)
 import torch
 
 from ucm.integration.vllm.blend.attention import for_backend
-from ucm.integration.vllm.blend.chunk_kv import layer_groups
+from ucm.integration.vllm.blend.chunk_kv import layer_groups, writes_due
 from ucm.integration.vllm.blend.step import BlendStep, layer_index
 
 
@@ -132,6 +132,24 @@ def test_copy_groups_start_with_the_check_layer_alone():
     the layers before the check layer are never read."""
     assert layer_groups(32, 3) == [(3, 4), (4, 12), (12, 20), (20, 28), (28, 32)]
     assert layer_groups(30, 29) == [(29, 30)] and layer_groups(30, 40) == [(29, 30)]
+
+
+def test_the_later_groups_writes_are_spread_over_the_layers_before_the_check_layer():
+    """The host enqueues the later groups' writes while the device runs the first layers: an even share
+    after each, none left for the check layer (whose selection waits); none before it, none to spread."""
+    def schedule(pending, check):
+        out = []
+        for layer in range(check):
+            due = writes_due(pending, layer, check)
+            out.append(due)
+            pending -= due
+        return out, pending
+
+    assert schedule(4, 3) == ([2, 1, 1], 0)
+    assert schedule(4, 1) == ([4], 0)
+    assert schedule(2, 5) == ([1, 1, 0, 0, 0], 0)
+    assert schedule(4, 0) == ([], 4)  # check layer 0: `settle` enqueues them all
+    assert writes_due(3, 3, 3) == 0 and writes_due(0, 0, 3) == 0
 
 
 def test_blending_runs_on_the_backends_it_knows():

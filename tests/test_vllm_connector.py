@@ -350,14 +350,14 @@ def test_working_set_larger_than_the_tiers(tmp_path):
 
 
 def test_preemption_and_resumption(tmp_path):
-    """A KV cache of 40 blocks for 6 requests growing from 9 to 13 blocks: vLLM preempts and resumes requests
+    """A KV cache of 40 blocks for 6 requests growing from 9 to 11 blocks: vLLM preempts and resumes requests
     while their saves are in flight. float32: outputs match the no-cache baseline, the connector's
     in-flight saves are fenced (no corrupt block), and resumed requests may load what was saved."""
-    prompts = [prompt_tokens(288, 100 + 350 * k) for k in range(6)]  # 9 blocks each, growing to 13
+    prompts = [prompt_tokens(288, 100 + 350 * k) for k in range(6)]  # 9 blocks each, growing to 11
     kv_bytes = 40 * 30 * 2 * BLOCK * 3 * 64 * 4
-    base = run_vllm([prompts], dtype="float32", max_tokens=128, kv_cache_bytes=kv_bytes, max_model_len=1024)
+    base = run_vllm([prompts], dtype="float32", max_tokens=64, kv_cache_bytes=kv_bytes, max_model_len=1024)
     assert base["phase_metrics"][0].get("vllm:num_preemptions", 0) > 0, "the setup must preempt"
-    r = run_vllm([prompts, prompts], connector=ucm_connector(str(tmp_path)), dtype="float32", max_tokens=128,
+    r = run_vllm([prompts, prompts], connector=ucm_connector(str(tmp_path)), dtype="float32", max_tokens=64,
                  kv_cache_bytes=kv_bytes, max_model_len=1024)
     assert r["phase_metrics"][0].get("vllm:num_preemptions", 0) > 0
     assert r["phase_metrics"][1].get(EXT, 0) > 0, "the second pass must hit what the first saved"

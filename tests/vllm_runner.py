@@ -93,6 +93,7 @@ def _blend_sync_loads() -> None:
 
     def start(self):
         original(self)
+        self._write(len(self._pending))  # the writes too, not spread over the first layers
         if self.stream is not None:
             self.stream.synchronize()
 

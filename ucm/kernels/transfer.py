@@ -267,19 +267,9 @@ class HostTransfer:
             return
         flat = self._ring(False).view(-1)
         cap = flat.numel() // nbytes
-        pitch = pages.stride(0) * pages.element_size()
-        use_dma = self.gpu and dma.available()
-        stream = torch.cuda.current_stream().cuda_stream if use_dma else None
-        rows_at, host_at = flat.data_ptr(), view.data_ptr()
         for c, part, runs in batch.chunks(cap):
             rows = flat[:part * nbytes].view(part, nbytes)
-            self.host_copies += len(runs)
-            for k, length in runs:
-                slot = batch.slots[c + k]
-                if use_dma:
-                    dma.copy_2d(rows_at + k * nbytes, nbytes, host_at + slot * pitch, pitch, nbytes, length, stream)
-                else:
-                    rows[k:k + length].copy_(view[slot:slot + length], non_blocking=True)
+            self.host_copies += dma.copy_runs(rows, view, ((k, batch.slots[c + k], length) for k, length in runs))
             unpack(sub, batch.idx[c:c + cap], rows, self._rows(part))
 
 

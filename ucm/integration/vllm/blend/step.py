@@ -9,7 +9,8 @@ layer (`chunks`, blend/chunk_kv.py), and clears it in `wait_for_save`. The patch
 * at `check_layer`, `select()` compares each reused token's fresh key with its cached one and keeps, per
   request, the `ratio` share of that request's reused tokens that deviates most, plus every token that was not reused (missed chunks, separators,
   the question, a prompt's last token);
-* in later layers the decoder layer runs on the selected tokens only, and `attend()` (once the layer's
+* in later layers the decoder layer runs on the selected tokens only (their rows gathered once and put
+  back after the last layer), and `attend()` (once the layer's
   reused KV is in the cache) writes their KV
   and computes their attention over the whole context from the paged cache, where the other tokens'
   KV is the reused one. That is the work saved;
@@ -66,11 +67,19 @@ class BlendStep:
                                      # check layer
     sel_cpu: torch.Tensor | None = None  # the same on the CPU
     sel_positions: torch.Tensor | None = None  # their token positions (set by the decoder layer)
+    last_layer: int | None = None  # the model's last decoder layer (None: the rows go back after every layer)
+    full_rows: tuple | None = None  # the batch's (hidden states, residual) while the selected rows go on alone
     recomputed: int = 0  # reused tokens recomputed anyway (the deviating ones)
     timed: bool = False  # UCM_BLEND_TIMING: the device is synchronized around the selection, which is timed
     select_seconds: float = 0.0
     _runs: tuple | None = None  # (query starts, sequence lengths, requests) of the selection's runs
     _metadata: dict = field(default_factory=dict)  # attention metadata of the selection, per layer shape
+    _sel_slots: dict = field(default_factory=dict)  # the selection's cache slots, per slot mapping
+
+    def advance(self, layer: int) -> None:
+        """After a layer before the check layer was launched: the reused KV's next writes enqueued."""
+        if self.chunks is not None:
+            self.chunks.advance(layer)
 
     def select(self, fresh_keys: torch.Tensor) -> None:
         """At the check layer: fresh_keys [batch tokens, kv_heads, head_dim], all tokens. Each request
@@ -154,7 +163,10 @@ class BlendStep:
         if self.chunks is not None:
             self.chunks.wait_layer(layer_index(layer.layer_name))  # its reused KV is in the cache
         md, _, kv_cache, slot_mapping = get_attention_context(layer.layer_name)
-        slots = (md.slot_mapping if slot_mapping is None else slot_mapping)[self.sel]
+        src = md.slot_mapping if slot_mapping is None else slot_mapping
+        slots = self._sel_slots.get(src.data_ptr())
+        if slots is None:  # one gather per step (the layers of a KV cache group share their slots)
+            slots = self._sel_slots[src.data_ptr()] = src[self.sel]
         heads, kv_heads, d, dv = layer.num_heads, layer.num_kv_heads, layer.head_size, layer.head_size_v
         n = self.sel.numel()
         layer.impl.do_kv_cache_update(layer, key.view(n, kv_heads, d), value.view(n, kv_heads, dv), kv_cache, slots)

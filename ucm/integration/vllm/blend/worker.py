@@ -93,13 +93,12 @@ class BlendWorker:
         md = forward_context.attn_metadata[self._layer_names[0]]
         n_batch = int(md.query_start_loc[-1])
         batch_slots = slot_mapping[:n_batch].long().cpu()
-        live = batch_slots >= 0  # padding has slot -1
-        inverse = torch.full((int(batch_slots.max()) + 1,), -1, dtype=torch.int64)
-        inverse[batch_slots[live]] = torch.arange(n_batch)[live]
+        known, order = batch_slots.sort()  # padding has slot -1: never asked for
 
         def batch_positions(slots: torch.Tensor) -> torch.Tensor:
-            idx = inverse[slots.clamp(max=inverse.numel() - 1)]
-            return torch.where(slots < inverse.numel(), idx, torch.full_like(idx, -1))
+            """Each slot's position in this step's batch, -1 where the step computes no token there."""
+            at = torch.searchsorted(known, slots).clamp(max=known.numel() - 1)
+            return torch.where(known[at] == slots, order[at], torch.full_like(slots, -1))
 
         t0 = time.perf_counter()
         # a prompt's last token is never reused (see the planner), so it is always recomputed; the last
@@ -151,7 +150,7 @@ class BlendWorker:
             self.blend.check_layer, self.blend.recompute_ratio, self.blend.recompute_span, reused, None,
             reused_req=owner if pieces else None, reused_pos=positions if pieces else None, always=always,
             capture_idx=torch.cat(capture) if capture else None, attention=self._attention, chunks=chunks,
-            cached_rows=cached_rows, timed=self.timed)
+            cached_rows=cached_rows, timed=self.timed, last_layer=blend_step.layer_index(self._layer_names[-1]))
         blend_step.set_active(step)
         if reused.numel():
             n = reused.numel()
@@ -186,10 +185,12 @@ class BlendWorker:
         if step is not None and step.reused_idx.numel():
             self.worker.stats.add(blend_recomputed_tokens=step.recomputed)
             log.info("blend: recomputed %d of %d reused tokens after layer %d (%d other tokens computed in all "
-                     "layers; selection %.1f ms; reused KV read, rotated and written in %.1f ms%s)", step.recomputed,
+                     "layers; selection %.1f ms; reused KV read, rotated and written in %.1f ms%s, its writes "
+                     "enqueued in %.1f ms during the first layers)", step.recomputed,
                      step.reused_idx.numel(), step.check_layer,
                      0 if step.sel is None else step.sel.numel() - step.recomputed, 1e3 * step.select_seconds,
-                     1e3 * step.chunks.seconds(), ", on a stream beside the forward pass" if step.chunks.gpu else "")
+                     1e3 * step.chunks.seconds(), ", on a stream beside the forward pass" if step.chunks.gpu else "",
+                     1e3 * step.chunks.write_seconds)
         if step is not None and step.capture_idx is not None:
             if len(step.captured) != len(self._layer_names):
                 log.warning("chunks not saved: %d of %d layers captured", len(step.captured), len(self._layer_names))

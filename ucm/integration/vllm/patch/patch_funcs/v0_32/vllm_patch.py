@@ -11,12 +11,14 @@
   (blend) reuse would have to change which blocks vLLM treats as computed.
 - Attention layer (`_patch_attention`): for BlendConnector's selective recompute. UCMConnector needs
   nothing here (vLLM 0.32 calls `wait_for_layer_load` / `save_kv_layer` around every attention layer).
-  While a blend step is active (`blend.step.ACTIVE`), the check layer picks the tokens to recompute,
+  While a blend step is active (`blend.step.ACTIVE`), the layers before the check layer let the reused
+  KV's writes be enqueued once each has been launched, the check layer picks the tokens to recompute,
   and later layers write the selected tokens' KV and attend over the whole context themselves (vLLM's
   kernels assume the queries are a request's last tokens; blended queries are scattered). Otherwise
   the original forward runs.
 - Decoder layers (`_patch_llama_decoder_layer`): after the check layer a blended forward pass runs
-  each decoder layer (projections, MLP) on the selected tokens only; the others keep the reused KV.
+  each decoder layer (projections, MLP) on the selected tokens only; the others keep the reused KV. The
+  selected rows are gathered once, after the check layer, and put back into the batch after the last.
   Llama's layer class serves the Llama family (Llama, SmolLM2, Mistral-style models built on it).
 """
 
@@ -93,7 +95,9 @@ def _blend_attention_forward(original):
             out = step.attend(self, query, key, value)
         else:
             out = original(self, query, key, value, output_shape, output_dtype)
-            if idx == step.check_layer and step.sel is None:
+            if idx < step.check_layer:
+                step.advance(idx)
+            elif idx == step.check_layer and step.sel is None:
                 step.select(key.view(-1, self.num_kv_heads, self.head_size))
         step.capture(idx, key.view(-1, self.num_kv_heads, self.head_size),
                      value.view(-1, self.num_kv_heads, self.head_size_v), subset)
@@ -103,7 +107,8 @@ def _blend_attention_forward(original):
 
 
 def _patch_llama_decoder_layer(llama_module) -> None:
-    """LlamaDecoderLayer.forward: after the check layer of a blend step, run on the selected rows."""
+    """LlamaDecoderLayer.forward: after the check layer of a blend step, run on the selected rows, which
+    pass from layer to layer as they are and return into the batch's rows after the last layer."""
     _replace_forward(llama_module.LlamaDecoderLayer, _blend_decoder_forward)
 
 
@@ -117,9 +122,16 @@ def _blend_decoder_forward(original):
         sel = step.sel
         if not sel.numel():  # a chunked-prefill step whose tokens are all reused: nothing to compute
             return hidden_states, residual
-        step.sel_positions = positions[sel]
-        h, r = original(self, positions[sel], hidden_states[sel], residual[sel], **kwargs)
-        return hidden_states.index_copy(0, sel, h), residual.index_copy(0, sel, r)
+        if step.full_rows is None:  # the first layer after the check layer: the selected rows taken once
+            step.sel_positions = positions[sel]
+            step.full_rows = (hidden_states, residual)
+            hidden_states, residual = hidden_states[sel], residual[sel]
+        h, r = original(self, step.sel_positions, hidden_states, residual, **kwargs)
+        if step.last_layer is not None and blend_step.layer_index(self.self_attn.attn.layer_name) < step.last_layer:
+            return h, r  # the selected rows alone go on to the next layer
+        full_h, full_r = step.full_rows  # the last layer: back into the batch's rows (the others keep the
+        step.full_rows = None            # check layer's output, which nothing after the model reads)
+        return full_h.index_copy(0, sel, h), full_r.index_copy(0, sel, r)
 
     return forward
 
