@@ -13,8 +13,9 @@ SPEC: {"model", "connector": null | {"kv_connector", "kv_connector_module_path"?
                   or more blocks copies its first page into the second block's slot too: a block loaded
                   into the wrong slot, for negative controls) or "layer_copy_fails" (the first layer-group
                   load enqueues its first groups' copies, then its copy engine raises), "blend_unrotated"
-                  (reused keys are not rotated to their new positions) or "blend_sync_loads" (a GPU's
-                  reused KV is in the cache before the forward pass starts),
+                  (reused keys are not rotated to their new positions), "blend_sync_loads" (a GPU's
+                  reused KV is in the cache before the forward pass starts) or "blend_slow_stream" (a
+                  GPU's reused KV arrives late: its stream sleeps before its copies and before its writes),
        "hold"?: true (after the result line, print UCM-HOLDING and wait for a signal)}
                  "before" runs (and must succeed) before the phase; "during" runs that long after it starts
 Result: {"phases": [[{"tokens", "logprobs", "num_cached_tokens", "first_top"}, ...], ...], "seconds": [per phase],
@@ -100,8 +101,29 @@ def _blend_sync_loads() -> None:
     ChunkKV.start = start
 
 
+def _blend_slow_stream() -> None:
+    """The reused KV's stream sleeps about 10 ms before its page copies and before each share of its
+    writes (a copy engine or a device busier than here), so a layer that read the cache or the check
+    layer's keys without waiting for them would see stale KV. Single-process mode only."""
+    import torch
+
+    from ucm.integration.vllm.blend.chunk_kv import ChunkKV
+
+    def late(original):
+        def method(self, *args):
+            if self.stream is not None:
+                with torch.cuda.stream(self.stream):
+                    torch.cuda._sleep(20_000_000)  # GPU cycles
+            return original(self, *args)
+
+        return method
+
+    ChunkKV._copy, ChunkKV._write = late(ChunkKV._copy), late(ChunkKV._write)
+
+
 FAULTS = {"wrong_slot": _load_into_wrong_slot, "layer_copy_fails": _layer_copy_fails,
-          "blend_unrotated": _blend_unrotated, "blend_sync_loads": _blend_sync_loads}
+          "blend_unrotated": _blend_unrotated, "blend_sync_loads": _blend_sync_loads,
+          "blend_slow_stream": _blend_slow_stream}
 
 
 def main() -> None:
